@@ -1,0 +1,309 @@
+"""The factorisation interface and its registry.
+
+A factorisation parameterises a tensor ``T`` of shape ``(n_1, ..., n_N)`` whose axes are
+named (``"in"``, ``"out"``, ``"heads"``, ``"depth"``, ``"depth*qkv"``, ...). It is described
+by a *network*: a list of ``(parameter name, labels)`` terms whose einsum over shared labels
+gives ``T``. Tensor-axis labels are the axis names; rank labels start with ``~``. Every
+tensor axis sits on exactly one term, so slicing ``T`` at a coordinate is slicing that term.
+
+Subclasses implement :meth:`normalize_rank`, :meth:`terms`, :meth:`label_sizes` and
+``default_zero``; the base class allocates, initialises (one term zero so that ``T = 0``
+exactly), counts and reconstructs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+__all__ = [
+    "FactorizedTensor",
+    "InitSpec",
+    "FACTORIZATIONS",
+    "register_factorization",
+    "list_factorizations",
+    "get_factorization",
+    "Rank",
+]
+
+Rank = int | Mapping[str, int] | Sequence[int]
+Term = tuple[str, tuple[str, ...]]
+
+INIT_METHODS = ("zeros", "ones", "normal", "orthogonal", "xavier_normal", "kaiming_uniform")
+
+
+@dataclass
+class InitSpec:
+    """How a factorised tensor is initialised.
+
+    ``zero``: the term set to zero (a parameter name, or an axis name meaning the term
+    holding that axis); ``method``: the default for the other terms; ``methods``: per
+    parameter or axis overrides; ``std``: for ``normal``; ``weights``: CP weights
+    (``"ones"`` or ``"normal"`` with ``weights_mean``/``weights_std``).
+    """
+
+    zero: str | None = None
+    method: str | None = None
+    methods: dict[str, str] = field(default_factory=dict)
+    std: float = 1.0
+    weights: str = "ones"
+    weights_mean: float = 1.0
+    weights_std: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | InitSpec | None) -> InitSpec:
+        """``None`` (defaults), a zero-term name, a mapping of the fields, or an InitSpec."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, InitSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(zero=spec)
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"init must be None, a term name or a mapping, got {spec!r}")
+        unknown = set(spec) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown init keys {sorted(unknown)}; valid keys: "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
+        out = cls(**dict(spec))
+        for method in [out.method or "zeros", *out.methods.values()]:
+            if method not in INIT_METHODS:
+                raise ConfigError(
+                    f"unknown init method {method!r}; valid: {', '.join(INIT_METHODS)}"
+                )
+        if out.weights not in ("ones", "normal"):
+            raise ConfigError(f"init weights must be 'ones' or 'normal', got {out.weights!r}")
+        return out
+
+
+class FactorizedTensor(nn.Module):
+    """A tensor with named axes, stored as the terms of a factor network."""
+
+    name: ClassVar[str] = ""
+    #: the term that starts at zero unless ``init.zero`` says otherwise (an axis or term name)
+    default_zero: ClassVar[str] = "out"
+    #: how the other terms are drawn unless ``init.method`` says otherwise
+    default_method: ClassVar[str] = "orthogonal"
+    #: factorisation-specific options and their allowed values (first one is the default)
+    option_choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: whether the factorisation admits axes beyond ``in``/``out``
+    max_order: ClassVar[int | None] = None
+
+    # ----------------------------------------------------------------- static structure
+    @classmethod
+    def normalize_rank(cls, axes: Sequence[str], rank: Rank) -> Any:
+        """Validate ``rank`` for these axes; return the canonical form used by :meth:`terms`."""
+        raise NotImplementedError
+
+    @classmethod
+    def terms(cls, axes: Sequence[str], rank: Any, options: Mapping[str, Any]) -> list[Term]:
+        """The network: ``(parameter name, labels)``; labels are axis names or ``~`` ranks."""
+        raise NotImplementedError
+
+    @classmethod
+    def label_sizes(cls, axes: Sequence[str], rank: Any) -> dict[str, int]:
+        """Sizes of the rank labels."""
+        raise NotImplementedError
+
+    @classmethod
+    def fixed_terms(cls, options: Mapping[str, Any]) -> set[str]:
+        """Terms stored as buffers (not trained)."""
+        return set()
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` completed with defaults; unknown keys or values raise ConfigError."""
+        out = {k: v[0] for k, v in cls.option_choices.items()}
+        for key, value in options.items():
+            if key not in cls.option_choices:
+                valid = ", ".join(cls.option_choices) or "none"
+                raise ConfigError(
+                    f"unknown option {key!r} for factorization {cls.name!r}; valid options: {valid}"
+                )
+            if value not in cls.option_choices[key]:
+                raise ConfigError(
+                    f"{cls.name} option {key}={value!r} is invalid; valid values: "
+                    f"{', '.join(map(repr, cls.option_choices[key]))}"
+                )
+            out[key] = value
+        return out
+
+    @classmethod
+    def check_axes(cls, axes: Sequence[str]) -> None:
+        """Raise ConfigError if this factorisation cannot parameterise these axes."""
+        if cls.max_order is not None and len(axes) > cls.max_order:
+            extra = [a for a in axes if a not in ("in", "out")]
+            raise ConfigError(
+                f"factorization {cls.name!r} is order {cls.max_order} only and pairs with the "
+                f"per-layer tensorisation (modes=[]); got extra modes {extra}. Use 'cp', "
+                f"'tucker' or 'tt' for tensorised modes"
+            )
+
+    @classmethod
+    def parameter_shapes(
+        cls,
+        axes: Sequence[str],
+        shape: Sequence[int],
+        rank: Any,
+        options: Mapping[str, Any],
+    ) -> dict[str, tuple[int, ...]]:
+        """Shape of every term (trainable and fixed), without allocating anything."""
+        sizes = dict(zip(axes, shape, strict=True)) | cls.label_sizes(axes, rank)
+        return {
+            name: tuple(sizes[l] for l in labels) for name, labels in cls.terms(axes, rank, options)
+        }
+
+    @classmethod
+    def count(
+        cls, axes: Sequence[str], shape: Sequence[int], rank: Any, options: Mapping[str, Any]
+    ) -> int:
+        """Number of trainable parameters."""
+        fixed = cls.fixed_terms(options)
+        shapes = cls.parameter_shapes(axes, shape, rank, options)
+        return sum(math.prod(s) for n, s in shapes.items() if n not in fixed)
+
+    # ------------------------------------------------------------------------ instance
+    def __init__(
+        self,
+        axes: Sequence[str],
+        shape: Sequence[int],
+        rank: Rank,
+        init: InitSpec | str | Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.axes = tuple(axes)
+        self.shape = tuple(int(n) for n in shape)
+        self.check_axes(self.axes)
+        self.rank = self.normalize_rank(self.axes, rank)
+        self.options = self.check_options(options or {})
+        self.init_spec = InitSpec.parse(init)
+        self._terms = self.terms(self.axes, self.rank, self.options)
+        shapes = self.parameter_shapes(self.axes, self.shape, self.rank, self.options)
+        fixed = self.fixed_terms(self.options)
+        for name, term_shape in shapes.items():
+            data = torch.empty(term_shape, dtype=dtype or torch.float32, device=device)
+            if name in fixed:
+                self.register_buffer(name, data)
+            else:
+                self.register_parameter(name, nn.Parameter(data))
+        self.zero_term = self._resolve_term(self.init_spec.zero or self.default_zero)
+        self.reset_parameters()
+
+    def _resolve_term(self, name: str) -> str:
+        term_names = [n for n, _ in self._terms]
+        if name in term_names:
+            return name
+        holders = [n for n, labels in self._terms if name in labels]
+        if name in self.axes and holders:
+            return holders[0]
+        if name == "out" and "out" not in self.axes:
+            return term_names[-1]
+        raise ConfigError(
+            f"init term {name!r} is not part of this {self.name} tensor; valid: terms "
+            f"{term_names} or axes {list(self.axes)}"
+        )
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}, shape={self.shape}, rank={self.rank}, zero={self.zero_term!r}"
+
+    def factors(self) -> list[tuple[torch.Tensor, tuple[str, ...]]]:
+        """The network's tensors with their labels."""
+        return [(getattr(self, name), labels) for name, labels in self._terms]
+
+    def term_labels(self) -> dict[str, tuple[str, ...]]:
+        """``{parameter name: labels}``."""
+        return dict(self._terms)
+
+    def axis_term(self, axis: str) -> tuple[str, int]:
+        """The term holding ``axis`` and the dimension of that axis in it."""
+        for name, labels in self._terms:
+            if axis in labels:
+                return name, labels.index(axis)
+        raise KeyError(axis)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every term; :attr:`zero_term` becomes exactly zero."""
+        spec = self.init_spec
+        for name, labels in self._terms:
+            tensor = getattr(self, name)
+            method = spec.methods.get(name)
+            axis = next((l for l in labels if not l.startswith("~")), None)
+            if method is None and axis is not None:
+                method = spec.methods.get(axis)
+            if name == self.zero_term:
+                method = "zeros"
+            elif name == "weights":
+                method = spec.weights
+            self._init_term(tensor, method or spec.method or self.default_method, labels, name)
+
+    def _init_term(self, t: torch.Tensor, method: str, labels: tuple[str, ...], name: str) -> None:
+        spec = self.init_spec
+        if method == "zeros":
+            t.zero_()
+            return
+        if name == "weights":
+            if method == "ones":
+                t.fill_(1.0)
+            else:
+                t.normal_(spec.weights_mean, spec.weights_std)
+            return
+        if method == "ones":
+            t.fill_(1.0)
+            return
+        if method == "normal":
+            t.normal_(0.0, spec.std)
+            return
+        # matrix-shaped methods act on a (axis, everything else) view
+        axis_dims = [i for i, l in enumerate(labels) if not l.startswith("~")]
+        lead = axis_dims[0] if axis_dims else 0
+        moved = t.movedim(lead, 0)
+        mat = torch.empty(moved.shape[0], max(1, moved[0].numel()), dtype=t.dtype, device=t.device)
+        if method == "orthogonal":
+            nn.init.orthogonal_(mat)
+        elif method == "xavier_normal":
+            nn.init.xavier_normal_(mat)
+        elif method == "kaiming_uniform":
+            bound = 1.0 / math.sqrt(mat.shape[0])
+            mat.uniform_(-bound, bound)
+        else:  # pragma: no cover - InitSpec.parse validates
+            raise ConfigError(f"unknown init method {method!r}")
+        moved.copy_(mat.reshape(moved.shape))
+
+    def reconstruct(self) -> torch.Tensor:
+        """The dense tensor ``T`` (axes in :attr:`axes` order)."""
+        from ..contraction import einsum_labels
+
+        operands = self.factors()
+        return einsum_labels(operands, self.axes)
+
+
+FACTORIZATIONS: Registry[FactorizedTensor] = Registry("factorization")
+register_factorization = FACTORIZATIONS.register
+
+
+def list_factorizations(pattern: str = "*") -> list[str]:
+    """Registered factorisation names."""
+    return FACTORIZATIONS.list(pattern)
+
+
+def get_factorization(key: str | type[FactorizedTensor]) -> type[FactorizedTensor]:
+    """The class registered as ``key`` (a FactorizedTensor subclass passes through)."""
+    cls = FACTORIZATIONS.get(key)
+    if not (isinstance(cls, type) and issubclass(cls, FactorizedTensor)):
+        raise ConfigError(f"factorization {key!r} must subclass tensadapt.FactorizedTensor")
+    return cls

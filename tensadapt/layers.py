@@ -1,0 +1,127 @@
+"""The wrapper placed around each adapted frozen linear map.
+
+``y = base(x) + Σ_c s_c · (ΔW_c x)[rows_c]`` over the module's contributions (additive), or
+``y = base(x) + Σ_c s_c · W[rows_c] (M_c x)`` (serial: ``ΔW = W · M``, M a square map on the
+module's input). The frozen module stays at ``.base_layer``; GPT-2 ``Conv1D`` (weight stored
+``in × out``) is handled here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import AdapterStateError
+from .program import ContributionProgram
+from .targets import is_conv1d
+
+__all__ = ["AdapterState", "TensorAdapterLayer"]
+
+
+@dataclass
+class AdapterState:
+    """State shared by every layer of one adapted model."""
+
+    disabled: bool = False
+
+
+class TensorAdapterLayer(nn.Module):
+    """A frozen linear (``nn.Linear`` or ``Conv1D``) plus its tensor-adapter contributions."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        programs: list[ContributionProgram],
+        state: AdapterState,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.programs = nn.ModuleList(programs)
+        self.__dict__["state"] = state
+        self.module_name = name
+        self.merged = False
+        self.conv1d = is_conv1d(base_layer)
+        self.input_dropout = next(
+            (p.dropout for p in programs if p.dropout is not None and p.dropout_on == "input"),
+            None,
+        )
+
+    # ------------------------------------------------------------------ weights
+    def weight_out_in(self) -> torch.Tensor:
+        """The frozen weight in ``(out, in)`` layout (a view for ``Conv1D``)."""
+        w = self.base_layer.weight
+        return w.t() if self.conv1d else w
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads ``module.weight``
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``Σ_c s_c ΔW_c`` placed at its rows: the dense ``(out, in)`` update (adapter dtype)."""
+        w = self.weight_out_in()
+        dtype = self.programs[0].operands()[0].dtype
+        total = torch.zeros(w.shape, dtype=dtype, device=w.device)
+        for p in self.programs:
+            d = p.delta()
+            if p.serial:
+                d = w.to(dtype).index_select(0, p._rows) @ d
+            total.index_add_(0, p._rows, d, alpha=p.scale)
+        return total
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.state.disabled:
+            return out
+        shape = out.shape
+        out2d = out.reshape(-1, shape[-1])
+        dtype = self.programs[0].operands()[0].dtype
+        xa = x.reshape(-1, x.shape[-1]).to(dtype)
+        if self.input_dropout is not None:
+            xa = self.input_dropout(xa)
+        for p in self.programs:
+            y = p.apply_x(xa)
+            if p.serial:
+                w = self.weight_out_in().index_select(0, p._rows)
+                y = y.to(w.dtype) @ w.t()
+            out2d = p.add_rows(out2d, y, p.scale)
+        return out2d.view(shape)
+
+    # ------------------------------------------------------------------ merging
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``s·ΔW`` into the frozen weight in place."""
+        if self.merged:
+            raise AdapterStateError(f"{self.module_name} is already merged; unmerge it first")
+        delta = self.delta_weight()
+        w = self.weight_out_in()
+        w.add_(delta.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the frozen weight (additive: subtract ``s·ΔW``; serial: solve for W)."""
+        if not self.merged:
+            raise AdapterStateError(f"{self.module_name} is not merged; nothing to unmerge")
+        w = self.weight_out_in()
+        if any(p.serial for p in self.programs):
+            self._unmerge_serial(w)
+        else:
+            w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    def _unmerge_serial(self, w: torch.Tensor) -> None:
+        for p in self.programs:
+            m = p.delta()
+            eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+            rows = w.index_select(0, p._rows).to(m.dtype)
+            # W_merged = W (I + s M)  ->  W = W_merged (I + s M)^-1
+            restored = torch.linalg.solve(eye + p.scale * m, rows, left=False)
+            w.index_copy_(0, p._rows, restored.to(w.dtype))

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny randomly initialised models (no weights are ever downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_vit(depth: int = 2, dim: int = 16, heads: int = 2, num_classes: int = 3, **kw):
+    """A timm VisionTransformer small enough for exhaustive tests (fused attn.qkv)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=16,
+        patch_size=8,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        num_classes=num_classes,
+        **kw,
+    )
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return tiny_vit().eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
