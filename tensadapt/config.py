@@ -138,6 +138,8 @@ class GroupConfig:
                         f"(in {seen[part]!r} and {spec!r}); each mode may be used once"
                     )
                 seen[part] = spec
+        for spec in self.modes:
+            mode = get_mode(spec)
             if isinstance(mode, StructuralMode):
                 covered = [
                     a
@@ -238,6 +240,8 @@ class TensorAdapterConfig(GroupConfig):
                 f"valid: {', '.join(GROUP_FIELDS)}"
             )
         base = {name: getattr(self, name) for name in GROUP_FIELDS}
+        if "factorization" in group and "factorization_options" not in group:
+            base["factorization_options"] = {}  # options belong to the parent's factorisation
         base.update(group)
         try:
             return GroupConfig(**copy.deepcopy(base))

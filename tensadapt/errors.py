@@ -26,8 +26,8 @@ class ConfigError(TensadaptError, ValueError):
     """A configuration value is invalid (raised at construction)."""
 
 
-class UnknownNameError(TensadaptError, KeyError):
-    """A name was looked up in a registry that does not hold it."""
+class UnknownNameError(ConfigError, KeyError):
+    """A name was looked up in a registry that does not hold it (a ConfigError and a KeyError)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""

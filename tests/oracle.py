@@ -97,3 +97,38 @@ def feature_block(T: torch.Tensor, axes, coords, role, heads_mode, transposed=Fa
         b = block.permute(*[rest.index(a) for a in order])
         return b.reshape(b.shape[0], b.shape[1] * b.shape[2])
     return block.permute(rest.index(out_ax), rest.index(in_ax))
+
+
+def instance_name(modes, layer, role):
+    """The documented instance naming: g0, plus _l<layer> without depth, _<role> without qkv."""
+    covered = {p for m in modes for p in m.split("*")}
+    name = "g0"
+    if "depth" not in covered:
+        name += f"_l{layer}"
+    if "qkv" not in covered:
+        name += f"_{role}"
+    return name
+
+
+def expected_target_delta(am, cfg, row, dim, layers, mlp_ratio=4):
+    """ΔW of one (module, role) by the documented layout rules, from tensorly's dense T."""
+    modes = cfg.modes
+    tensor = am.tensor_adapters[instance_name(modes, row.layer, row.role)]
+    T = dense_oracle(tensor)
+    out_f, in_f = row.shape
+    sliced = any("slices" in m.split("*") for m in modes)
+    n_out, n_in = (out_f // dim, in_f // dim) if sliced else (1, 1)
+    transposed = cfg.orientation == "residual" and row.role == "fc2"
+    counts = {"q": 1, "k": 1, "v": 1, "o": 1, "fc1": mlp_ratio, "fc2": mlp_ratio, "layers": layers}
+    blocks = []
+    for po in range(n_out):
+        line = []
+        for pi in range(n_in):
+            coords = structural_coords(
+                modes, row.layer, row.role, po * n_in + pi, cfg.targets, counts
+            )
+            line.append(
+                feature_block(T, tensor.axes, coords, row.role, "heads" in modes, transposed)
+            )
+        blocks.append(torch.cat(line, dim=1))
+    return torch.cat(blocks, dim=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_vit
-from oracle import dense_oracle, feature_block, structural_coords
+from oracle import dense_oracle, expected_target_delta
 
 import tensadapt as ta
 
@@ -26,7 +26,6 @@ MODE_SETS = {
     "ordered-axes": (["depth*qkv", "in", "heads", "out"], QKV, "in_out"),
 }
 CASES = [("lora", "per-layer")] + [(f, m) for f in ("cp", "tucker", "tt") for m in MODE_SETS]
-SLICES = {"q": 1, "k": 1, "v": 1, "o": 1, "fc1": 4, "fc2": 4, "layers": 2}
 
 
 def build(factorization, modes, roles, orientation, **kw):
@@ -52,40 +51,6 @@ def randomize(am):
             p.normal_()
 
 
-def instance_name(modes, layer, role):
-    covered = {p for m in modes for p in m.split("*")}
-    name = "g0"
-    if "depth" not in covered:
-        name += f"_l{layer}"
-    if "qkv" not in covered:
-        name += f"_{role}"
-    return name
-
-
-def expected_target_delta(am, cfg, row):
-    """ΔW of one (module, role) by the documented layout rules, from tensorly's dense T."""
-    modes = cfg.modes
-    key = instance_name(modes, row.layer, row.role)
-    tensor = am.tensor_adapters[key]
-    T = dense_oracle(tensor)
-    out_f, in_f = row.shape
-    sliced = any("slices" in m.split("*") for m in modes)
-    s = 16 if sliced else None
-    n_out, n_in = (out_f // s, in_f // s) if sliced else (1, 1)
-    transposed = cfg.orientation == "residual" and row.role == "fc2"
-    blocks = []
-    for po in range(n_out):
-        line = []
-        for pi in range(n_in):
-            coords = structural_coords(
-                modes, row.layer, row.role, po * n_in + pi, cfg.targets, SLICES
-            )
-            b = feature_block(T, tensor.axes, coords, row.role, "heads" in modes, transposed)
-            line.append(b)
-        blocks.append(torch.cat(line, dim=1))
-    return torch.cat(blocks, dim=0)
-
-
 @pytest.mark.parametrize("factorization,mode_set", CASES)
 def test_dense_and_strategies_match_oracle(factorization, mode_set):
     modes, roles, orientation = MODE_SETS[mode_set]
@@ -101,7 +66,7 @@ def test_dense_and_strategies_match_oracle(factorization, mode_set):
         base_rows = {"q": 0, "k": 1, "v": 2}.get(row.role, 0) if row.module.endswith("qkv") else 0
         start = base_rows * row.shape[0]
         got = am.delta_weight(row.module)[start : start + row.shape[0]]
-        want = 0.5 * expected_target_delta(am, cfg, row)
+        want = 0.5 * expected_target_delta(am, cfg, row, dim=16, layers=2)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
         del layer
     # 3. both strategies give x @ ΔWᵀ
