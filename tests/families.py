@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models of every supported family, with an input and an output."""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ["timm_vit", "hf_bert", "hf_dinov2", "hf_llama_gqa", "hf_gpt2"]
+
+
+def make(family: str, seed: int = 0):
+    """``(model, inputs dict, function output -> tensor)``, in eval mode, float32."""
+    torch.manual_seed(seed)
+    if family == "timm_vit":
+        from conftest import tiny_vit
+
+        model = tiny_vit(dim=32, heads=4)
+        return model.eval(), {"x": torch.randn(2, 3, 16, 16)}, lambda o: o
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    ids = {"input_ids": torch.randint(0, 100, (2, 7))}
+    if family == "hf_bert":
+        cfg = tf.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=100,
+            num_labels=3,
+        )
+        return tf.BertForSequenceClassification(cfg).eval(), ids, lambda o: o.logits
+    if family == "hf_dinov2":
+        cfg = tf.Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14
+        )
+        pix = {"pixel_values": torch.randn(2, 3, 28, 28)}
+        return tf.Dinov2Model(cfg).eval(), pix, lambda o: o.last_hidden_state
+    if family == "hf_llama_gqa":
+        cfg = tf.LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=100,
+        )
+        return tf.LlamaForCausalLM(cfg).eval(), ids, lambda o: o.logits
+    if family == "hf_gpt2":
+        cfg = tf.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0
+        )
+        return tf.GPT2Model(cfg).eval(), ids, lambda o: o.last_hidden_state
+    raise ValueError(family)
