@@ -9,7 +9,6 @@ planned FLOP count is available to choose between forward strategies.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,7 +68,6 @@ class PlanCache:
 
     def __init__(self) -> None:
         self._plans: dict[tuple, ContractionPlan] = {}
-        self._lock = threading.Lock()
         self.built = 0
         self.hits = 0
 
@@ -81,12 +79,14 @@ class PlanCache:
         if found is not None:
             self.hits += 1
             return found
-        with self._lock:
-            found = self._plans.get(key)
-            if found is None:
-                found = _build_plan(equation, shapes)
-                self._plans[key] = found
-                self.built += 1
+        if torch.compiler.is_compiling():
+            # planning is Python work torch.compile cannot trace: shapes first seen inside a
+            # compiled region run as one einsum (torch plans it); eager calls plan and cache
+            return _unplanned(equation, len(shapes))
+        # no lock: a race only builds the same plan twice
+        found = _build_plan(equation, shapes)
+        self._plans[key] = found
+        self.built += 1
         return found
 
     def info(self) -> dict[str, int]:
@@ -95,9 +95,8 @@ class PlanCache:
 
     def clear(self) -> None:
         """Forget every plan and reset the counters."""
-        with self._lock:
-            self._plans.clear()
-            self.built = self.hits = 0
+        self._plans.clear()
+        self.built = self.hits = 0
 
 
 PLAN_CACHE = PlanCache()
@@ -118,6 +117,11 @@ def _build_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Contracti
     _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
     steps = tuple((tuple(c[0]), c[2]) for c in info.contraction_list)
     return ContractionPlan(equation, steps, int(info.opt_cost))
+
+
+def _unplanned(equation: str, n_operands: int) -> ContractionPlan:
+    """One ``torch.einsum`` over every operand (used while tracing a shape never run eagerly)."""
+    return ContractionPlan(equation, (((0,) * n_operands, equation),), 0)
 
 
 def plan(equation: str, *operands: torch.Tensor) -> ContractionPlan:

@@ -317,8 +317,8 @@ def _agree_sizes(gi: int, key: str, inst: list[_Geometry], group: GroupConfig) -
                 f"{a.out_features}×{a.in_features}, heads={a.heads}) with {b.module} "
                 f"({b.role}, {b.out_features}×{b.in_features}, heads={b.heads}) into tensor "
                 f"{key}, but their shapes differ ({ref.sizes} vs {g.sizes}). Only same-shaped "
-                "targets can share a tensor: drop 'qkv' (e.g. for grouped-query k/v), or put "
-                "them in separate groups"
+                "targets can share a tensor: drop 'qkv' (e.g. for grouped-query k/v), add "
+                "'slices' to cut non-square matrices into square ones, or use separate groups"
             )
     return dict(ref.sizes)
 

@@ -9,6 +9,7 @@ in a :class:`~tensadapt.layers.TensorAdapterLayer`. The model is wrapped, not co
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,17 +74,18 @@ class TensorAdapterModel(nn.Module):
             )
         modules_to_save = _modules_to_save(base_model, config.modules_to_save)
         self.base_model = base_model
-        self.config = config
+        self.adapter_config = config
         self.resolution = resolution
         self.modules_to_save = modules_to_save
         self.__dict__["_state"] = AdapterState()
         self.tensor_adapters = nn.ModuleDict()
         self._build(resolution.layout)
+        self._expose_base_signature()
 
     # ------------------------------------------------------------------ construction
     def _build(self, layout: Layout) -> None:
         modules = dict(self.base_model.named_modules())
-        dtype = _DTYPES[self.config.adapter_dtype]
+        dtype = _DTYPES[self.adapter_config.adapter_dtype]
         first_module = {}
         for c in layout.contributions:
             first_module.setdefault(c.tensor, c.module)
@@ -110,7 +112,7 @@ class TensorAdapterModel(nn.Module):
                 c,
                 self.tensor_adapters[c.tensor],
                 scale=g.effective_scale(),
-                strategy=self.config.strategy,
+                strategy=self.adapter_config.strategy,
                 dropout=g.dropout,
                 dropout_on=g.dropout_on,
                 serial=g.composition == "serial",
@@ -128,6 +130,17 @@ class TensorAdapterModel(nn.Module):
     # ------------------------------------------------------------------ forward & access
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    def _expose_base_signature(self) -> None:
+        """Make ``inspect.signature(model.forward)`` the base model's, as HF ``Trainer`` reads
+        it to choose dataset columns."""
+        base_forward = self.base_model.forward
+
+        @functools.wraps(base_forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        self.__dict__["forward"] = forward
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -231,7 +244,7 @@ class TensorAdapterModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically."""
         meta = {
-            "config": self.config.to_dict(),
+            "config": self.adapter_config.to_dict(),
             "base_model_class": type(self.base_model).__name__,
             "targets": self._fingerprint(),
             "tensadapt_version": __version__,

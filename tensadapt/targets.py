@@ -92,7 +92,8 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """``(out, in)`` of a linear-like module, or None if it is not one."""
+    """``(out, in)`` of a linear-like module (seen through an adapter wrapper), or None."""
+    module = getattr(module, "base_layer", module)
     if isinstance(module, nn.Linear):
         return (module.out_features, module.in_features)
     if is_conv1d(module):
