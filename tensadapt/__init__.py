@@ -7,6 +7,7 @@ tensorisation (a list of modes: per-layer, ``qkv``, ``depth``, ``heads``, ``slic
 
 __version__ = "0.1.0"
 
+from . import presets
 from .budget import count_parameters
 from .config import GroupConfig, TensorAdapterConfig
 from .contraction import clear_plan_cache, plan_cache_info
@@ -46,6 +47,7 @@ __all__ = [
     "Resolution",
     "Target",
     "count_parameters",
+    "presets",
     "register_factorization",
     "list_factorizations",
     "FactorizedTensor",

@@ -20,14 +20,15 @@ from typing import Any
 
 from .errors import ConfigError
 from .factorizations import FACTORIZATIONS, FactorizedTensor, InitSpec, get_factorization
-from .modes import FEATURE_AXES, FusedMode, StructuralMode, get_mode
+from .modes import FEATURE_AXES, StructuralMode, get_mode, mode_parts
 from .roles import expand_roles
 
 __all__ = ["GroupConfig", "TensorAdapterConfig", "tensor_axes"]
 
 ORIENTATIONS = ("in_out", "residual")
 COMPOSITIONS = ("additive", "serial")
-DROPOUT_PLACES = ("input", "delta")
+DROPOUT_PLACES = ("input", "delta", "rank")
+HEADS_SIDES = ("attention", "in", "out")
 HEADS_LAYOUTS = ("semantic", "interleaved")
 STRATEGIES = ("auto", "contract", "materialise")
 
@@ -38,9 +39,10 @@ def _choice(value: object, choices: Sequence[str], what: str) -> None:
 
 
 def tensor_axes(modes: Sequence[str]) -> tuple[str, ...]:
-    """The tensor's axes: ``modes`` in order, then ``in`` and ``out`` if not listed."""
+    """The tensor's axes: ``modes`` in order, then ``in`` and ``out`` if no mode holds them."""
     axes = list(modes)
-    axes += [a for a in ("in", "out") if a not in axes]
+    present = {p for m in modes for p in mode_parts(m)}
+    axes += [a for a in ("in", "out") if a not in present]
     return tuple(axes)
 
 
@@ -60,6 +62,8 @@ class GroupConfig:
     orientation: str = "in_out"
     composition: str = "additive"
     heads_layout: str = "semantic"
+    heads_side: str = "attention"
+    bias: bool = False
     factorization_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +77,11 @@ class GroupConfig:
     @property
     def axes(self) -> tuple[str, ...]:
         return tensor_axes(self.modes)
+
+    @property
+    def mode_parts(self) -> set[str]:
+        """Every base mode named in ``modes`` (fused ones split)."""
+        return {p for m in self.modes for p in mode_parts(m)}
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -116,8 +125,16 @@ class GroupConfig:
         _choice(self.orientation, ORIENTATIONS, "orientation")
         _choice(self.composition, COMPOSITIONS, "composition")
         _choice(self.heads_layout, HEADS_LAYOUTS, "heads_layout")
+        _choice(self.heads_side, HEADS_SIDES, "heads_side")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be True or False, got {self.bias!r}")
         if self.composition == "serial":
-            bad = [m for m in self.modes if m in ("heads", "slices") or "slices" in m.split("*")]
+            if self.bias:
+                raise ConfigError(
+                    "bias=True adds a shared bias to an additive update; "
+                    "it does not combine with composition='serial'"
+                )
+            bad = [m for m in self.modes if {"heads", "slices"} & set(mode_parts(m))]
             if bad:
                 raise ConfigError(
                     f"composition='serial' applies a square map to a block's input; modes {bad} "
@@ -130,7 +147,7 @@ class GroupConfig:
             if not isinstance(spec, str):
                 raise ConfigError(f"modes must be names, got {spec!r}")
             mode = get_mode(spec)
-            parts = [p.name for p in mode.parts] if isinstance(mode, FusedMode) else [mode.name]
+            parts = list(mode_parts(spec)) if "*" in spec else [mode.name]
             for part in parts:
                 if part in seen:
                     raise ConfigError(
@@ -277,11 +294,7 @@ class TensorAdapterConfig(GroupConfig):
             raise ConfigError(
                 f"unknown config fields {sorted(unknown)}; valid: {', '.join(sorted(valid))}"
             )
-        data = dict(data)
-        if data.get("groups") is not None:
-            data["groups"] = [
-                GroupConfig(**g) if isinstance(g, Mapping) else g for g in data["groups"]
-            ]
+        data = dict(data)  # groups stay mappings: validation checks their fields
         return cls(**data)
 
     def to_json(self) -> str:

@@ -88,6 +88,9 @@ class TensorAdapterLayer(nn.Module):
             xa = self.input_dropout(xa)
         for p in self.programs:
             y = p.apply_x(xa)
+            bias = p.bias_vector()
+            if bias is not None:
+                y = y + bias
             if p.serial:
                 w = self.weight_out_in().index_select(0, p._rows)
                 y = y.to(w.dtype) @ w.t()
@@ -100,10 +103,34 @@ class TensorAdapterLayer(nn.Module):
         """Add ``s·ΔW`` into the frozen weight in place."""
         if self.merged:
             raise AdapterStateError(f"{self.module_name} is already merged; unmerge it first")
+        if self.bias is None and any(p.bias_vector() is not None for p in self.programs):
+            raise AdapterStateError(
+                f"{self.module_name} has no bias to merge the adapter's shared bias into; "
+                "keep the adapter unmerged"
+            )
         delta = self.delta_weight()
         w = self.weight_out_in()
         w.add_(delta.to(w.dtype))
+        self._merge_bias(+1.0)
         self.merged = True
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """``s·b`` of the shared role biases on this module's rows, or None without bias."""
+        total = None
+        for p in self.programs:
+            b = p.bias_vector()
+            if b is None:
+                continue
+            if total is None:
+                total = torch.zeros(self.weight_out_in().shape[0], dtype=b.dtype, device=b.device)
+            total.index_add_(0, p._rows, b, alpha=p.scale)
+        return total
+
+    def _merge_bias(self, sign: float) -> None:
+        delta = self.delta_bias()
+        if delta is None:
+            return
+        self.bias.add_(delta.to(self.bias.dtype), alpha=sign)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -115,6 +142,7 @@ class TensorAdapterLayer(nn.Module):
             self._unmerge_serial(w)
         else:
             w.sub_(self.delta_weight().to(w.dtype))
+        self._merge_bias(-1.0)
         self.merged = False
 
     def _unmerge_serial(self, w: torch.Tensor) -> None:

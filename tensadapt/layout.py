@@ -16,6 +16,7 @@ per target for display and checks.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 from .config import GroupConfig, TensorAdapterConfig
 from .errors import ConfigError, ModeError, TargetResolutionError
 from .factorizations import FactorizedTensor
-from .modes import FEATURE_AXES, Piece, StructuralMode, get_mode
+from .modes import FEATURE_AXES, Piece, StructuralMode, get_mode, mode_parts
 from .roles import ALIASES, DOWN_ROLES, ROLES
 from .targets import Target
 
@@ -72,6 +73,8 @@ class Contribution:
     module_out: int
     module_in: int
     index: dict[str, list[list[int]]] = field(default_factory=dict)
+    #: key of the group's shared bias (one vector per role), or None
+    bias: str | None = None
 
 
 @dataclass
@@ -92,10 +95,13 @@ class Layout:
     contributions: list[Contribution]
     placements: list[Placement]
     groups: list[GroupConfig]
+    #: shared biases: key -> {role: size}
+    biases: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count(self) -> int:
         """Trainable adapter parameters."""
-        return sum(t.count() for t in self.tensors.values())
+        tensors = sum(t.count() for t in self.tensors.values())
+        return tensors + sum(sum(b.values()) for b in self.biases.values())
 
 
 @dataclass
@@ -158,7 +164,7 @@ def _split_heads(
 
 
 def _geometry(group: GroupConfig, gi: int, t: Target, slice_size: int | None) -> _Geometry:
-    mode_names = set(group.modes)
+    mode_names = group.mode_parts
     if group.composition == "serial":
         return _Geometry(
             t, ("in",), ("out",), {"in": t.in_features, "out": t.in_features}, 1, 1, t.out_features
@@ -177,15 +183,18 @@ def _geometry(group: GroupConfig, gi: int, t: Target, slice_size: int | None) ->
     in_axes, out_axes = (["out"], ["in"]) if transposed else (["in"], ["out"])
     sizes = {in_axes[0]: c_in, out_axes[0]: c_out}
     if "heads" in mode_names:
-        if t.role in ("q", "k", "v"):
-            out_axes, extra = _split_heads(group, t, out_axes, c_out, gi)
-        elif t.role == "o":
-            in_axes, extra = _split_heads(group, t, in_axes, c_in, gi)
-        else:
+        if t.role not in ("q", "k", "v", "o"):
             raise ModeError(
                 f"group {gi}: mode 'heads' applies to attention roles q, k, v, o; "
                 f"{t.module} is {t.role!r}. Put MLP roles in a group without 'heads'"
             )
+        side = group.heads_side
+        if side == "attention":
+            side = "in" if t.role == "o" else "out"
+        if side == "out":
+            out_axes, extra = _split_heads(group, t, out_axes, c_out, gi)
+        else:
+            in_axes, extra = _split_heads(group, t, in_axes, c_in, gi)
         sizes.update(extra)
     return _Geometry(t, tuple(in_axes), tuple(out_axes), sizes, n_in, n_out, c_out)
 
@@ -202,13 +211,27 @@ def plan_layout(targets: Sequence[Target], config: TensorAdapterConfig) -> Layou
     tensors: dict[str, TensorSpec] = {}
     contributions: list[Contribution] = []
     placements: list[Placement] = []
+    biases: dict[str, dict[str, int]] = {}
     for gi, (group, roles) in enumerate(zip(groups, roles_by_group)):
         members = [t for t in targets if t.role in roles]
         t_layout = _plan_group(gi, group, members, config)
         tensors.update(t_layout[0])
         contributions += t_layout[1]
         placements += t_layout[2]
-    return Layout(tensors, contributions, placements, groups)
+        if group.bias:
+            biases[f"g{gi}_bias"] = _bias_sizes(gi, members)
+    return Layout(tensors, contributions, placements, groups, biases)
+
+
+def _bias_sizes(gi: int, members: list[Target]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for t in members:
+        if sizes.setdefault(t.role, t.out_features) != t.out_features:
+            raise ModeError(
+                f"group {gi}: bias=True shares one bias per role across blocks, but {t.role} has "
+                f"{t.out_features} outputs in {t.module} and {sizes[t.role]} elsewhere"
+            )
+    return sizes
 
 
 def _plan_group(
@@ -247,6 +270,9 @@ def _plan_group(
             coords[name] = {k: i for i, k in enumerate(keys)}
             sizes[name] = len(keys)
         axes = group.axes
+        for a in axes:
+            if a not in sizes:  # a fused feature axis such as "in*out"
+                sizes[a] = math.prod(sizes[p] for p in mode_parts(a))
         shape = tuple(sizes[a] for a in axes)
         tensors[key] = TensorSpec(
             key,
@@ -298,6 +324,7 @@ def _plan_group(
                         g.target.row_offset + j * g.out_chunk for g in gs for j in range(g.n_out)
                     ),
                     row_chunk=first.out_chunk,
+                    bias=f"g{gi}_bias" if group.bias else None,
                     module_out=first.target.module_out,
                     module_in=first.target.in_features,
                     index={n: [row for g in gs for row in index_of(g, n)] for n in structural},

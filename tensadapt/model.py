@@ -23,7 +23,7 @@ from .config import TensorAdapterConfig
 from .errors import AdapterStateError, CheckpointError, ConfigError
 from .layers import AdapterState, TensorAdapterLayer
 from .layout import Layout
-from .program import ContributionProgram
+from .program import ContributionProgram, RoleBias
 from .resolve import Resolution, as_config, resolve_targets
 
 __all__ = ["TensorAdapterModel", "get_adapter_model"]
@@ -81,6 +81,7 @@ class TensorAdapterModel(nn.Module):
         self.tensor_adapters = nn.ModuleDict()
         self._build(resolution.layout)
         self._expose_base_signature()
+        self.training = base_model.training
 
     # ------------------------------------------------------------------ construction
     def _build(self, layout: Layout) -> None:
@@ -100,6 +101,12 @@ class TensorAdapterModel(nn.Module):
                 dtype=dtype,
                 device=device,
             )
+        for key, sizes in layout.biases.items():
+            gi = int(key[1:].split("_")[0])
+            device = _device_of(
+                modules[next(c.module for c in layout.contributions if c.group == gi)]
+            )
+            self.tensor_adapters[key] = RoleBias(sizes, dtype=dtype, device=device)
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         for name in self.modules_to_save:
@@ -116,6 +123,7 @@ class TensorAdapterModel(nn.Module):
                 dropout=g.dropout,
                 dropout_on=g.dropout_on,
                 serial=g.composition == "serial",
+                bias=self.tensor_adapters[c.bias] if c.bias else None,
             )
             program.to(device=_device_of(modules[c.module]))
             by_module.setdefault(c.module, []).append(program)
@@ -124,6 +132,7 @@ class TensorAdapterModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else self.base_model
             layer = TensorAdapterLayer(modules[name], programs, self._state, name)
+            layer.train(modules[name].training)  # adapter dropout follows the model's mode
             setattr(parent, child, layer)
             self.adapted_layers[name] = layer
 
@@ -313,6 +322,9 @@ def _expected_shapes(
             spec.axes, spec.shape, spec.rank, spec.options
         ).items():
             out[f"tensor_adapters.{key}.{name}"] = shape
+    for key, sizes in resolution.layout.biases.items():
+        for role, size in sizes.items():
+            out[f"tensor_adapters.{key}.bias_{role}"] = (size,)
     modules = dict(base_model.named_modules())
     for name in _modules_to_save(base_model, config.modules_to_save):
         for k, v in modules[name].state_dict().items():

@@ -12,6 +12,7 @@ Two kinds of mode exist:
 
 A fused mode ``"a*b"`` is one axis over the *occurring* combinations of its parts' keys, in
 lexicographic order: ``depth*qkv`` over q,k,v of L blocks has size 3L and row ``3l + k``.
+Feature modes fuse too: ``"in*out"`` is one axis of size in·out (index ``i·out + o``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = [
     "FeatureMode",
     "StructuralMode",
     "FusedMode",
+    "FusedFeatureMode",
+    "mode_parts",
     "Piece",
     "MODES",
     "register_mode",
@@ -135,22 +138,35 @@ class FusedMode(StructuralMode):
         return tuple(p.key(piece) for p in self.parts)
 
 
+class FusedFeatureMode(FeatureMode):
+    """One axis over several feature modes, row-major: ``"in*out"`` has index ``i·out + o``."""
+
+    def __init__(self, parts: Sequence[FeatureMode]) -> None:
+        self.parts = tuple(parts)
+        self.name = "*".join(p.name for p in self.parts)
+
+
+def mode_parts(spec: str) -> tuple[str, ...]:
+    """The base modes of ``spec`` (``"depth*qkv"`` -> ``("depth", "qkv")``)."""
+    return tuple(spec.split("*"))
+
+
 def get_mode(spec: str | type[Mode]) -> Mode:
-    """An instance of the mode named ``spec`` (``"a*b"`` builds a :class:`FusedMode`)."""
+    """An instance of the mode named ``spec``; ``"a*b"`` fuses structural modes (one axis over
+    the occurring combinations) or feature modes (one axis over their product)."""
     if isinstance(spec, str) and "*" in spec:
-        parts = []
-        for part in spec.split("*"):
-            mode = get_mode(part)
-            if not isinstance(mode, StructuralMode):
-                structural = [n for n in MODES.list() if n not in FEATURE_AXES]
-                raise ConfigError(
-                    f"fused mode {spec!r}: part {part!r} is a feature mode; only structural "
-                    f"modes can be fused ({', '.join(structural)})"
-                )
-            parts.append(mode)
-        if len(parts) < 2:
+        parts = [get_mode(part) for part in mode_parts(spec)]
+        if len(parts) < 2 or any(not p.name for p in parts):
             raise ConfigError(f"fused mode {spec!r} needs at least two parts, like 'depth*qkv'")
-        return FusedMode(parts)
+        if all(isinstance(p, StructuralMode) for p in parts):
+            return FusedMode(parts)
+        if all(isinstance(p, FeatureMode) for p in parts):
+            return FusedFeatureMode(parts)
+        raise ConfigError(
+            f"fused mode {spec!r} mixes feature modes ({', '.join(FEATURE_AXES)}) with structural "
+            "ones; fuse structural modes together ('depth*qkv') or feature modes together "
+            "('in*out')"
+        )
     cls = MODES.get(spec)
     mode = cls()
     if isinstance(mode, StructuralMode) and not mode.covers <= ATTRIBUTES:

@@ -2,7 +2,8 @@
 
 For the pieces of one module that live in one tensor, the factor network is sliced at the
 pieces' coordinates (a structural axis becomes a scalar index, or a piece label ``~po`` /
-``~pi`` when it varies over output / input chunks) and contracted either
+``~pi`` when it varies over output / input chunks; a fused feature axis such as ``in*out``
+is unflattened) and contracted either
 
 * **contract**: with ``x`` viewed as ``(N, n_in, *in_axes)`` straight to ``(N, P_out,
   *out_axes)`` — ``ΔW`` is never formed; or
@@ -10,12 +11,14 @@ pieces' coordinates (a structural axis becomes a scalar index, or a piece label 
 
 Both are cached plans (:mod:`tensadapt.contraction`); ``strategy="auto"`` picks the one with
 fewer planned FLOPs for the current token count ``N`` and remembers the choice per ``N``.
+Dropout goes on the input (``input``), on ``ΔW`` itself (``delta``, DropConnect) or on the
+rank activations after ``x`` meets the input-side factors (``rank``, as in FacT).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
 
 import torch
 from torch import nn
@@ -23,18 +26,22 @@ from torch import nn
 from .contraction import PLAN_CACHE, ContractionPlan, Symbols
 from .factorizations import FactorizedTensor
 from .layout import Contribution
+from .modes import mode_parts
 
-__all__ = ["ContributionProgram"]
+__all__ = ["ContributionProgram", "RoleBias"]
 
 PO, PI, TOKENS = "~po", "~pi", "~N"
 
 
-@dataclass
-class _Slice:
-    term: str
-    axis: str
-    index: int | torch.Tensor
-    labels: tuple[str, ...]
+class RoleBias(nn.Module):
+    """Trainable bias vectors ``bias_<role>``, one per role, shared by every block (zero init)."""
+
+    def __init__(self, sizes: dict[str, int], *, dtype=None, device=None) -> None:
+        super().__init__()
+        for role, size in sizes.items():
+            self.register_parameter(
+                f"bias_{role}", nn.Parameter(torch.zeros(size, dtype=dtype, device=device))
+            )
 
 
 class ContributionProgram(nn.Module):
@@ -50,11 +57,13 @@ class ContributionProgram(nn.Module):
         dropout: float = 0.0,
         dropout_on: str = "input",
         serial: bool = False,
+        bias: RoleBias | None = None,
     ) -> None:
         super().__init__()
         c = contribution
         self.contribution = c
         self.__dict__["tensor"] = tensor  # shared: owned (and registered) by the adapter model
+        self.__dict__["bias_module"] = bias
         self.scale = float(scale)
         self.strategy = strategy
         self.serial = serial
@@ -67,40 +76,58 @@ class ContributionProgram(nn.Module):
         self.out_sizes = tuple(c.axis_sizes[a] for a in c.out_axes)
         self.in_chunk = math.prod(self.in_sizes)
         self.rows = math.prod(self.out_sizes) if serial else self.n_out * c.row_chunk
+        self._plan_terms(c, tensor)
+        self._plan_equations(c)
+        self._choice: dict[tuple[int, torch.dtype], bool] = {}
+        self._assembly(c)
 
-        slices: list[_Slice] = []
-        for axis, grid in c.index.items():
-            term, _ = tensor.axis_term(axis)
-            idx = torch.tensor(grid, dtype=torch.long)
-            var_po = bool((idx != idx[:1]).any())
-            var_pi = bool((idx != idx[:, :1]).any())
-            if var_po and var_pi:
-                slices.append(_Slice(term, axis, idx, (PO, PI)))
-            elif var_po:
-                slices.append(_Slice(term, axis, idx[:, 0].clone(), (PO,)))
-            elif var_pi:
-                slices.append(_Slice(term, axis, idx[0].clone(), (PI,)))
-            else:
-                slices.append(_Slice(term, axis, int(idx[0, 0]), ()))
-        for i, s in enumerate(slices):
-            if isinstance(s.index, torch.Tensor):
-                self.register_buffer(f"_index{i}", s.index, persistent=False)
-        self._slices = slices
-        labels_used = {l for s in slices for l in s.labels}
-        self.po_used = PO in labels_used and self.n_out > 1
-        self.pi_used = PI in labels_used and self.n_in > 1
-
-        term_labels = []
-        for name, labels in tensor.term_labels().items():
-            labs = list(labels)
-            for s in slices:
-                if s.term == name:
-                    pos = labs.index(s.axis)
-                    labs[pos : pos + 1] = list(s.labels)
-            term_labels.append(tuple(labs))
+    # ------------------------------------------------------------ static structure
+    def _plan_terms(self, c: Contribution, tensor: FactorizedTensor) -> None:
+        """Per term: the slicing/unflattening steps and the labels that result."""
         self._term_names = list(tensor.term_labels())
+        self._ops: list[list[tuple]] = []
+        self._labels: list[tuple[str, ...]] = []
+        n_index = 0
+        used: set[str] = set()
+        for labels in tensor.term_labels().values():
+            labs, ops = list(labels), []
+            for label in labels:
+                if label in c.index:
+                    grid = c.index[label]
+                    var_po = any(row != grid[0] for row in grid)
+                    var_pi = any(v != row[0] for row in grid for v in row)
+                    if not (var_po or var_pi):
+                        ops.append(("select", label, grid[0][0]))
+                        new = []
+                    else:
+                        values = (
+                            grid
+                            if var_po and var_pi
+                            else ([row[0] for row in grid] if var_po else grid[0])
+                        )
+                        buffer = f"_index{n_index}"
+                        n_index += 1
+                        idx = torch.tensor(values, dtype=torch.long, device="cpu")
+                        self.register_buffer(buffer, idx, persistent=False)
+                        new = [l for l, v in ((PO, var_po), (PI, var_pi)) if v]
+                        ops.append(("index", label, buffer, tuple(new)))
+                        used.update(new)
+                elif "*" in label and not label.startswith("~"):
+                    parts = mode_parts(label)
+                    ops.append(("unflatten", label, tuple(c.axis_sizes[p] for p in parts), parts))
+                    new = list(parts)
+                else:
+                    continue
+                pos = labs.index(label)
+                labs[pos : pos + 1] = new
+            self._ops.append(ops)
+            self._labels.append(tuple(labs))
+        self.po_used = PO in used and self.n_out > 1
+        self.pi_used = PI in used and self.n_in > 1
+
+    def _plan_equations(self, c: Contribution) -> None:
         sym = Symbols()
-        factors = ",".join(sym(l) for l in term_labels)
+        factors = ",".join(sym(l) for l in self._labels)
         x_labels = [TOKENS] + ([PI] if self.n_in > 1 else []) + list(c.in_axes)
         y_labels = [TOKENS] + ([PO] if self.po_used else []) + list(c.out_axes)
         w_labels = (
@@ -112,8 +139,17 @@ class ContributionProgram(nn.Module):
         self.contract_eq = f"{sym(x_labels)},{factors}->{sym(y_labels)}"
         self.materialise_eq = f"{factors}->{sym(w_labels)}"
         self.x_view = ((self.n_in,) if self.n_in > 1 else ()) + self.in_sizes
-        self._choice: dict[tuple[int, torch.dtype], bool] = {}
-        self._assembly(c)
+        # two stages for dropout on the rank activations: x meets the input-side terms first
+        inputs = set(x_labels) - {TOKENS}
+        first = [i for i, l in enumerate(self._labels) if inputs & set(l)]
+        rest = [i for i in range(len(self._labels)) if i not in first]
+        counts = Counter(l for i in rest for l in self._labels[i]) + Counter(y_labels)
+        stage1 = [x_labels] + [self._labels[i] for i in first]
+        mid = sorted({l for ls in stage1 for l in ls if l in counts}, key=str)
+        self._stage_terms = (first, rest)
+        self.stage1_eq = f"{','.join(sym(l) for l in stage1)}->{sym(mid)}"
+        self.stage2_eq = f"{','.join(sym(l) for l in [mid] + [self._labels[i] for i in rest])}->"
+        self.stage2_eq += sym(y_labels)
 
     # ----------------------------------------------------------------- assembly of rows
     def _assembly(self, c: Contribution) -> None:
@@ -129,10 +165,14 @@ class ContributionProgram(nn.Module):
             if any(s % chunk for s in starts) or c.module_out % chunk:
                 raise ValueError(f"rows {starts} of {c.module} are not aligned to {chunk}")
             self.register_buffer(
-                "_chunks", torch.tensor([s // chunk for s in starts]), persistent=False
+                "_chunks",
+                torch.tensor([s // chunk for s in starts], device="cpu"),
+                persistent=False,
             )
         self.register_buffer(
-            "_rows", torch.cat([torch.arange(s, s + chunk) for s in starts]), persistent=False
+            "_rows",
+            torch.tensor([r for s in starts for r in range(s, s + chunk)], device="cpu"),
+            persistent=False,
         )
 
     def add_rows(self, out2d: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -153,21 +193,31 @@ class ContributionProgram(nn.Module):
         """The factor network, sliced at this contribution's coordinates."""
         tensor: FactorizedTensor = self.__dict__["tensor"]
         out = []
-        for name in self._term_names:
+        for name, ops, labels in zip(self._term_names, self._ops, tensor.term_labels().values()):
             t = getattr(tensor, name)
-            labels = list(tensor.term_labels()[name])
-            for i, s in enumerate(self._slices):
-                if s.term != name:
-                    continue
-                dim = labels.index(s.axis)
-                if isinstance(s.index, int):
-                    t = t.select(dim, s.index)
-                else:
-                    idx = getattr(self, f"_index{i}")
+            labs = list(labels)
+            for op in ops:
+                dim = labs.index(op[1])
+                if op[0] == "select":
+                    t = t.select(dim, op[2])
+                    new: list[str] = []
+                elif op[0] == "index":
+                    idx = getattr(self, op[2])
                     t = t.index_select(dim, idx.reshape(-1)).unflatten(dim, tuple(idx.shape))
-                labels[dim : dim + 1] = list(s.labels)
+                    new = list(op[3])
+                else:
+                    t = t.unflatten(dim, op[2])
+                    new = list(op[3])
+                labs[dim : dim + 1] = new
             out.append(t)
         return out
+
+    def bias_vector(self) -> torch.Tensor | None:
+        """The shared role biases laid out on this contribution's rows (None without bias)."""
+        bias = self.__dict__["bias_module"]
+        if bias is None:
+            return None
+        return torch.cat([getattr(bias, f"bias_{r}") for r in self.contribution.roles])
 
     def _plan(self, equation: str, operands: list[torch.Tensor]) -> ContractionPlan:
         shapes = tuple(tuple(t.shape) for t in operands)
@@ -195,7 +245,10 @@ class ContributionProgram(nn.Module):
         factors = self.operands() if factors is None else factors
         w = self._plan(self.materialise_eq, factors)(*factors)
         w = w.reshape(
-            self.n_out if self.po_used else 1, -1, self.n_in if self.pi_used else 1, self.in_chunk
+            self.n_out if self.po_used else 1,
+            -1,
+            self.n_in if self.pi_used else 1,
+            self.in_chunk,
         )
         if not self.po_used and self.n_out > 1:
             w = w.expand(self.n_out, -1, -1, -1)
@@ -208,15 +261,21 @@ class ContributionProgram(nn.Module):
         """``x2d @ ΔW_cᵀ`` (unscaled) for ``x2d`` of shape ``(N, module_in)``."""
         factors = self.operands()
         n = x2d.shape[0]
-        drop_delta = self.dropout is not None and self.dropout_on == "delta" and self.training
-        if drop_delta or not self.use_contract(n, factors):
-            w = self.delta(factors)
-            if drop_delta:
-                w = self.dropout(w)
-            return x2d @ w.t()
+        dropping = self.dropout is not None and self.training
+        if dropping and self.dropout_on == "delta":
+            return x2d @ self.dropout(self.delta(factors)).t()
         xv = x2d.reshape(n, *self.x_view)
-        operands = [xv, *factors]
-        y = self._plan(self.contract_eq, operands)(*operands)
+        if dropping and self.dropout_on == "rank":
+            first, rest = self._stage_terms
+            ops1 = [xv] + [factors[i] for i in first]
+            mid = self.dropout(self._plan(self.stage1_eq, ops1)(*ops1))
+            ops2 = [mid] + [factors[i] for i in rest]
+            y = self._plan(self.stage2_eq, ops2)(*ops2)
+        elif self.use_contract(n, factors):
+            operands = [xv, *factors]
+            y = self._plan(self.contract_eq, operands)(*operands)
+        else:
+            return x2d @ self.delta(factors).t()
         if not self.po_used and self.n_out > 1:
             y = y.unsqueeze(1).expand(n, self.n_out, *y.shape[1:])
         return y.reshape(n, -1)

@@ -210,6 +210,9 @@ class FactorizedTensor(nn.Module):
         holders = [n for n, labels in self._terms if name in labels]
         if name in self.axes and holders:
             return holders[0]
+        fused = [a for a in self.axes if name in a.split("*")]
+        if fused:  # e.g. "in" names the term holding the fused axis "in*out"
+            return self._resolve_term(fused[0])
         if name == "out" and "out" not in self.axes:
             return term_names[-1]
         raise ConfigError(
@@ -237,8 +240,10 @@ class FactorizedTensor(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise every term; :attr:`zero_term` becomes exactly zero."""
+        """Initialise every term; :attr:`zero_term` becomes exactly zero (meta: no-op)."""
         spec = self.init_spec
+        if any(t.is_meta for _, t in self.named_parameters()):
+            return
         for name, labels in self._terms:
             tensor = getattr(self, name)
             method = spec.methods.get(name)
