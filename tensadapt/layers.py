@@ -110,7 +110,8 @@ class TensorAdapterLayer(nn.Module):
             )
         delta = self.delta_weight()
         w = self.weight_out_in()
-        w.add_(delta.to(w.dtype))
+        # one rounding of the exact sum (a bf16 weight is not hit by a rounded delta)
+        w.copy_(w.to(delta.dtype).add_(delta).to(w.dtype))
         self._merge_bias(+1.0)
         self.merged = True
 
@@ -141,7 +142,8 @@ class TensorAdapterLayer(nn.Module):
         if any(p.serial for p in self.programs):
             self._unmerge_serial(w)
         else:
-            w.sub_(self.delta_weight().to(w.dtype))
+            delta = self.delta_weight()
+            w.copy_(w.to(delta.dtype).sub_(delta).to(w.dtype))
         self._merge_bias(-1.0)
         self.merged = False
 

@@ -64,7 +64,11 @@ class TensorAdapterModel(nn.Module):
     """The adapted model: forward is the base model's, with adapters in its linear maps."""
 
     def __init__(
-        self, base_model: nn.Module, config: TensorAdapterConfig, resolution: Resolution
+        self,
+        base_model: nn.Module,
+        config: TensorAdapterConfig,
+        resolution: Resolution,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if any(isinstance(m, TensorAdapterLayer) for m in base_model.modules()):
@@ -79,6 +83,7 @@ class TensorAdapterModel(nn.Module):
         self.modules_to_save = modules_to_save
         self.__dict__["_state"] = AdapterState()
         self.tensor_adapters = nn.ModuleDict()
+        self._device = None if device is None else torch.device(device)
         self._build(resolution.layout)
         self._expose_base_signature()
         self.training = base_model.training
@@ -91,7 +96,7 @@ class TensorAdapterModel(nn.Module):
         for c in layout.contributions:
             first_module.setdefault(c.tensor, c.module)
         for key, spec in layout.tensors.items():
-            device = _device_of(modules[first_module[key]])
+            device = self._device or _device_of(modules[first_module[key]])
             self.tensor_adapters[key] = spec.factorization(
                 spec.axes,
                 spec.shape,
@@ -103,7 +108,7 @@ class TensorAdapterModel(nn.Module):
             )
         for key, sizes in layout.biases.items():
             gi = int(key[1:].split("_")[0])
-            device = _device_of(
+            device = self._device or _device_of(
                 modules[next(c.module for c in layout.contributions if c.group == gi)]
             )
             self.tensor_adapters[key] = RoleBias(sizes, dtype=dtype, device=device)
@@ -125,7 +130,7 @@ class TensorAdapterModel(nn.Module):
                 serial=g.composition == "serial",
                 bias=self.tensor_adapters[c.bias] if c.bias else None,
             )
-            program.to(device=_device_of(modules[c.module]))
+            program.to(device=self._device or _device_of(modules[c.module]))
             by_module.setdefault(c.module, []).append(program)
         self.adapted_layers: dict[str, TensorAdapterLayer] = {}
         for name, programs in by_module.items():
@@ -333,9 +338,15 @@ def _expected_shapes(
 
 
 def get_adapter_model(
-    model: nn.Module, config: TensorAdapterConfig | Mapping[str, Any]
+    model: nn.Module,
+    config: TensorAdapterConfig | Mapping[str, Any],
+    device: torch.device | str | None = None,
 ) -> TensorAdapterModel:
-    """Inject the adapter described by ``config`` into ``model`` (validated first)."""
+    """Inject the adapter described by ``config`` into ``model`` (validated first).
+
+    Adapter tensors live on each target's device, or on ``device`` if given (e.g. real
+    factors for a base model on the meta device).
+    """
     config = as_config(config)
     resolution = resolve_targets(model, config)
-    return TensorAdapterModel(model, config, resolution)
+    return TensorAdapterModel(model, config, resolution, device=device)
