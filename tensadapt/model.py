@@ -304,6 +304,20 @@ class TensorAdapterModel(nn.Module):
                 p.requires_grad_(False)
         return model
 
+    def export_peft_lora(self, directory: str | Path, rank: int | None = None) -> dict[str, float]:
+        """Write a PEFT LoRA checkpoint (truncated SVD of each ``s·ΔW``); returns the relative
+        error per module (0 up to rounding with ``rank=None``)."""
+        from .peft_interop import export_peft_lora
+
+        return export_peft_lora(self, directory, rank)
+
+    @classmethod
+    def from_peft_lora(cls, base_model: nn.Module, directory: str | Path) -> TensorAdapterModel:
+        """Load a PEFT LoRA checkpoint as a tensadapt ``lora`` adapter with identical outputs."""
+        from .peft_interop import load_peft_lora
+
+        return load_peft_lora(base_model, directory)
+
     @torch.no_grad()
     def _load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         current = {
