@@ -37,3 +37,16 @@ def vit():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _restore_registries():
+    """Registrations made inside a test (user modes, user factorisations) end with it."""
+    from tensadapt.factorizations.base import FACTORIZATIONS
+    from tensadapt.modes import MODES
+
+    saved = [(reg, dict(reg._items)) for reg in (FACTORIZATIONS, MODES)]
+    yield
+    for reg, items in saved:
+        reg._items.clear()
+        reg._items.update(items)
