@@ -33,6 +33,7 @@ from .factorizations import (
 from .layers import TensorAdapterLayer
 from .model import TensorAdapterModel, get_adapter_model
 from .modes import FeatureMode, Mode, Piece, StructuralMode, list_modes, register_mode
+from .rank_solver import RankSolution, apply_rank, solve_ranks
 from .resolve import Resolution, resolve_targets
 from .targets import Target
 
@@ -47,6 +48,9 @@ __all__ = [
     "Resolution",
     "Target",
     "count_parameters",
+    "solve_ranks",
+    "apply_rank",
+    "RankSolution",
     "presets",
     "register_factorization",
     "list_factorizations",

@@ -4,6 +4,12 @@
                      several configurations and print each plan and parameter report.
 ``tensadapt resolve`` print the resolved targets of a config on a timm model (built with
                      ``pretrained=False``; nothing is downloaded).
+``tensadapt ablate SPEC [--shard i/n] [--out DIR]``
+                     run a study spec (YAML/TOML): every pending (task, config, seed) is
+                     trained, appended to DIR/results.jsonl and reported; re-running resumes.
+                     Works under ``torchrun --nproc_per_node N`` (DDP, gloo).
+``tensadapt report RESULTS.jsonl``
+                     markdown + CSV tables and a Pareto plot from a results file.
 """
 
 from __future__ import annotations
@@ -100,6 +106,48 @@ def resolve(args: argparse.Namespace) -> None:
     print(ta.resolve_targets(model, cfg))
 
 
+def ablate(args: argparse.Namespace) -> None:
+    """Run (or, with --dry-run, plan) a study spec."""
+    from .ablation import load_spec, parse_shard, run_study
+    from .ablation.plan import format_plan, plan_runs
+    from .errors import ConfigError
+
+    try:
+        spec = load_spec(args.spec)
+        shard = parse_shard(args.shard)
+    except ConfigError as err:
+        sys.exit(f"tensadapt ablate: {err}")
+    if args.dry_run:
+        print(format_plan(plan_runs(spec, shard=shard, only=args.only)))
+        return
+    study = run_study(
+        spec,
+        args.out,
+        shard=shard,
+        only=args.only,
+        progress=not args.no_progress,
+        fail_fast=args.fail_fast,
+    )
+    if study.report is not None:
+        print(study.report.markdown)
+        paths = ", ".join(str(p) for p in study.report.paths.values())
+        print(f"report written: {paths}", file=sys.stderr)
+    if study.failed:
+        sys.exit(f"{len(study.failed)} run(s) failed; see {study.out_dir / 'errors.jsonl'}")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Tables and the Pareto plot of a results file."""
+    from .ablation import write_report
+
+    try:
+        rep = write_report(args.results, args.out, plot=not args.no_plot)
+    except (OSError, ValueError) as err:
+        sys.exit(f"tensadapt report: {err}")
+    print(rep.markdown)
+    print(f"report written: {', '.join(str(p) for p in rep.paths.values())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tensadapt`` console script."""
     parser = argparse.ArgumentParser(
@@ -113,6 +161,20 @@ def main(argv: list[str] | None = None) -> None:
         "config", help='JSON config, e.g. \'{"factorization": "cp", "modes": ["depth"]}\''
     )
     p.set_defaults(func=resolve)
+    p = sub.add_parser("ablate", help="run a study spec (resumable, shardable, torchrun-ready)")
+    p.add_argument("spec", help="study spec, .yaml or .toml (e.g. benchmarks/specs/quick.yaml)")
+    p.add_argument("--shard", default="0/1", help="run shard i of n (0-based), e.g. 0/2")
+    p.add_argument("--out", default=None, help="output folder (default: results/<spec name>)")
+    p.add_argument("--only", default=None, help="comma-separated globs of config names to run")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and parameter counts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
+    p.set_defaults(func=ablate)
+    p = sub.add_parser("report", help="tables and Pareto plot from a results.jsonl")
+    p.add_argument("results", help="path of a results.jsonl")
+    p.add_argument("--out", default=None, help="output folder (default: the file's folder)")
+    p.add_argument("--no-plot", action="store_true", help="skip the Pareto plot")
+    p.set_defaults(func=report)
     args = parser.parse_args(argv)
     args.func(args)
 
