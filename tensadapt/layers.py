@@ -17,7 +17,65 @@ from .errors import AdapterStateError
 from .program import ContributionProgram
 from .targets import is_conv1d
 
-__all__ = ["AdapterState", "TensorAdapterLayer"]
+__all__ = ["AdapterState", "TensorAdapterLayer", "LowRankLinear"]
+
+
+class LowRankLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b + drop(x' Aᵀ) Bᵀ`` with ``W`` frozen, writing its own backward.
+
+    ``x'`` is ``x`` (``xa=None``) or its dropped-out copy; ``drop`` is dropout with
+    probability ``p`` on the rank activations. The low-rank term is accumulated into the base
+    output in place (``addmm_``) and the backward makes one pass per product over the big
+    activations, with the input gradient of both branches accumulated into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xa, w, b, a, bm, p, k):  # noqa: D102
+        out = torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
+        src = x if xa is None else xa
+        n = src.shape[0]
+        h = (src.reshape(n * k, -1) @ a.t()).view(n, -1) if k > 1 else src @ a.t()
+        mask = None
+        if p > 0.0:
+            h, mask = torch.native_dropout(h, p, True)
+        out.addmm_(h, bm.t())
+        if ctx.needs_input_grad[3]:
+            # the bias gradient rides on the B gradient: gyᵀ [h | 1] in one pass over gy
+            h = torch.cat([h, h.new_ones(n, 1)], dim=1)
+        ctx.has_xa, ctx.k, ctx.p = xa is not None, k, p
+        ctx.save_for_backward(src, w, a, bm, h, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        src, w, a, bm, h, mask = ctx.saved_tensors
+        need_x, need_xa, _, need_b, need_a, need_bm, _, _ = ctx.needs_input_grad
+        k, n = ctx.k, gy.shape[0]
+        gx = gxa = gb = ga = gbm = None
+        gh = None
+        if need_x or need_xa or need_a:
+            gh = gy @ bm
+            if mask is not None:
+                gh = torch.ops.aten.native_dropout_backward(gh, mask, 1.0 / (1.0 - ctx.p))
+            if k > 1:
+                gh = gh.reshape(n * k, -1)
+        if need_x:
+            gx = gy @ w
+            if not ctx.has_xa:
+                if k > 1:
+                    gx.view(n * k, -1).addmm_(gh, a)
+                else:
+                    gx.addmm_(gh, a)
+        if need_xa:
+            gxa = (gh @ a).view(n, -1)
+        if need_a:
+            ga = gh.t() @ src.reshape(gh.shape[0], -1)
+        if need_bm or need_b:
+            g = gy.t() @ h
+            if need_b:
+                g, gb = g[:, :-1], g[:, -1]
+            gbm = g if need_bm else None
+        return gx, gxa, None, gb, ga, gbm, None, None
 
 
 @dataclass
@@ -77,9 +135,57 @@ class TensorAdapterLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.merged or self.state.disabled:
-            return out
+            return self.base_layer(x, *args, **kwargs)
+        if not (args or kwargs):
+            fast = self._forward_low_rank(x)
+            if fast is not None:
+                return fast
+        return self._forward_general(x, *args, **kwargs)
+
+    def _forward_low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every contribution as ``x Aᵀ Bᵀ`` in one :class:`LowRankLinear` call, or None."""
+        w = self.weight_out_in()
+        if w.requires_grad or x.dtype != w.dtype:
+            return None
+        n = x.numel() // x.shape[-1]
+        factors = []
+        for p in self.programs:
+            f = p.operands()
+            if f[0].dtype != w.dtype or not p.fast_path(n, f):
+                return None
+            factors.append(f)
+        drop = {p.rank_dropout() for p in self.programs}
+        chunks = {p.chunks for p in self.programs}
+        if len(drop) > 1 or len(chunks) > 1 or (len(self.programs) > 1 and chunks != {1}):
+            return None
+        rows = w.shape[0]
+        a_parts, b_parts = [], []
+        bias = self.bias
+        for p, f in zip(self.programs, factors):
+            a, b = p.low_rank(f)
+            if p.serial:
+                b = w.index_select(0, p._rows) @ b
+            b = b * p.scale
+            if not p.full:
+                b = b.new_zeros(rows, b.shape[1]).index_add(0, p._rows, b)
+            a_parts.append(a)
+            b_parts.append(b)
+            vec = p.bias_vector()
+            if vec is not None:
+                vec = vec.new_zeros(rows).index_add(0, p._rows, vec, alpha=p.scale)
+                bias = vec if bias is None else bias + vec
+        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
+        b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)
+        x2d = x.reshape(n, x.shape[-1])
+        xa = None
+        if self.input_dropout is not None and self.input_dropout.training:
+            xa = self.input_dropout(x2d)
+        out = LowRankLinear.apply(x2d, xa, w, bias, a, b, drop.pop(), chunks.pop())
+        return out.view(*x.shape[:-1], rows)
+
+    def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
         shape = out.shape
         out2d = out.reshape(-1, shape[-1])
         dtype = self.programs[0].operands()[0].dtype

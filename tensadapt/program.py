@@ -13,6 +13,12 @@ Both are cached plans (:mod:`tensadapt.contraction`); ``strategy="auto"`` picks 
 fewer planned FLOPs for the current token count ``N`` and remembers the choice per ``N``.
 Dropout goes on the input (``input``), on ``ΔW`` itself (``delta``, DropConnect) or on the
 rank activations after ``x`` meets the input-side factors (``rank``, as in FacT).
+
+When ``contract`` is chosen, the layer runs it in LoRA form: :meth:`low_rank` cuts the sliced
+network into ``ΔW_c = B A`` (``A`` from the terms on the input side, ``B`` from the rest,
+both small and independent of ``x``), and every contribution of a module goes through one
+:class:`~tensadapt.layers.LowRankLinear` call. :meth:`apply_x` is the general path
+(materialise, DropConnect, mixed dtypes).
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class ContributionProgram(nn.Module):
         self._plan_equations(c)
         self._choice: dict[tuple[int, torch.dtype], bool] = {}
         self._assembly(c)
+        self._plan_low_rank(c)
 
     # ------------------------------------------------------------ static structure
     def _plan_terms(self, c: Contribution, tensor: FactorizedTensor) -> None:
@@ -105,13 +112,18 @@ class ContributionProgram(nn.Module):
                             if var_po and var_pi
                             else ([row[0] for row in grid] if var_po else grid[0])
                         )
-                        buffer = f"_index{n_index}"
-                        n_index += 1
-                        idx = torch.tensor(values, dtype=torch.long, device="cpu")
-                        self.register_buffer(buffer, idx, persistent=False)
                         new = [l for l, v in ((PO, var_po), (PI, var_pi)) if v]
-                        ops.append(("index", label, buffer, tuple(new)))
                         used.update(new)
+                        flat = values if isinstance(values[0], int) else None
+                        if flat and flat == list(range(flat[0], flat[0] + len(flat))):
+                            # consecutive coordinates: a view (cheap backward, no scatter)
+                            ops.append(("narrow", label, flat[0], len(flat), tuple(new)))
+                        else:
+                            buffer = f"_index{n_index}"
+                            n_index += 1
+                            idx = torch.tensor(values, dtype=torch.long, device="cpu")
+                            self.register_buffer(buffer, idx, persistent=False)
+                            ops.append(("index", label, buffer, tuple(new)))
                 elif "*" in label and not label.startswith("~"):
                     parts = mode_parts(label)
                     ops.append(("unflatten", label, tuple(c.axis_sizes[p] for p in parts), parts))
@@ -150,6 +162,104 @@ class ContributionProgram(nn.Module):
         self.stage1_eq = f"{','.join(sym(l) for l in stage1)}->{sym(mid)}"
         self.stage2_eq = f"{','.join(sym(l) for l in [mid] + [self._labels[i] for i in rest])}->"
         self.stage2_eq += sym(y_labels)
+
+    def _plan_low_rank(self, c: Contribution) -> None:
+        """Cut the sliced network into an input side and an output side: ``ΔW_c = B A``.
+
+        Terms holding an ``in`` axis go to ``A``, terms holding an output label to ``B``; the
+        others (depth, slice, core, λ) go wherever the two thin products are cheapest (the
+        rank is the size of the labels both sides share). With several input chunks (``~pi``,
+        e.g. fc2 cut into slices) ``A`` either spans all chunks, or is applied to each chunk
+        (*chunked*) and ``~pi`` joins the rank. Dropout on the rank activations fixes the cut
+        right after the terms holding the ``in`` axes, per input chunk (as FacT drops ``x U``).
+        No cut exists when a term holds both sides (e.g. a fused ``in*out`` axis).
+        """
+        self.low_rank_ok, self.chunks = False, 1
+        sizes: dict[str, int] = {}
+        for labels, t in zip(self._labels, self.operands()):
+            sizes.update(zip(labels, t.shape))
+        in_axes, out_labels = set(c.in_axes), set(c.out_axes) | {PO}
+        n_terms = len(self._labels)
+        rank_dropout = self.dropout is not None and self.dropout_on == "rank"
+        best = None
+        for chunked in (False, True) if self.n_in > 1 else (False,):
+            if rank_dropout and chunked != (self.n_in > 1):
+                continue
+            forced_in, forced_out, free = [], [], []
+            for i, labels in enumerate(self._labels):
+                ls = set(labels)
+                to_in = bool(in_axes & ls) or (PI in ls and not chunked)
+                to_out = bool(out_labels & ls) or (PI in ls and chunked)
+                if to_in and to_out:
+                    break
+                (forced_in if to_in else forced_out if to_out else free).append(i)
+            else:
+                if not forced_in or not forced_out:
+                    continue
+                for mask in range(1 if rank_dropout else 2 ** len(free)):
+                    a_terms = forced_in + [f for j, f in enumerate(free) if mask >> j & 1]
+                    b_terms = [i for i in range(n_terms) if i not in a_terms]
+                    a_set = {l for i in a_terms for l in self._labels[i]}
+                    b_set = {l for i in b_terms for l in self._labels[i]}
+                    cut = sorted(a_set & b_set - {PI}, key=str)
+                    r_a = math.prod(sizes[l] for l in cut)
+                    r_b = r_a * (self.n_in if chunked else 1)
+                    cost = r_a * (self.n_in * self.in_chunk) + r_b * self.rows
+                    if best is None or cost < best[0]:
+                        best = (cost, chunked, a_terms, b_terms, cut, r_a)
+        if best is None:
+            return
+        _, chunked, a_terms, b_terms, cut, r_a = best
+        self.cut_size, self.chunks = r_a, (self.n_in if chunked else 1)
+        self._a_terms, self._b_terms = a_terms, b_terms
+        a_has_pi = any(PI in self._labels[i] for i in a_terms)
+        b_has_pi = any(PI in self._labels[i] for i in b_terms)
+        b_has_po = any(PO in self._labels[i] for i in b_terms)
+        a_out = cut + ([PI] if a_has_pi else []) + list(c.in_axes)
+        b_out = ([PO] if b_has_po else []) + list(c.out_axes) + ([PI] if b_has_pi else []) + cut
+        sym = Symbols()
+        self.a_eq = f"{','.join(sym(self._labels[i]) for i in a_terms)}->{sym(a_out)}"
+        self.b_eq = f"{','.join(sym(self._labels[i]) for i in b_terms)}->{sym(b_out)}"
+        self._a_expand = self.n_in > 1 and not chunked and not a_has_pi
+        self._b_expand_pi = chunked and not b_has_pi
+        self._b_expand_po = self.n_out > 1 and not b_has_po
+        self.low_rank_ok = True
+
+    def _side(self, equation: str, operands: list[torch.Tensor]) -> torch.Tensor:
+        if len(operands) == 1:
+            return torch.einsum(equation, operands[0])
+        return self._plan(equation, operands)(*operands)
+
+    def low_rank(self, factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``ΔW_c x = B (A x)`` (unscaled). ``A`` is ``(R, module_in)`` in the
+        layout of ``x``, or ``(R, in_chunk)`` applied to each of :attr:`chunks` input chunks;
+        ``B`` is ``(rows, chunks·R)`` in the order of :attr:`_rows` (serial: ``(in, ·)``)."""
+        a = self._side(self.a_eq, [factors[i] for i in self._a_terms])
+        b = self._side(self.b_eq, [factors[i] for i in self._b_terms])
+        r, k = self.cut_size, self.chunks
+        if self._a_expand:
+            a = a.reshape(r, 1, self.in_chunk).expand(r, self.n_in, self.in_chunk)
+        a = a.reshape(r, -1)
+        if self._b_expand_pi:
+            b = b.reshape(-1, 1, r).expand(-1, k, r)
+        if self._b_expand_po:
+            b = b.reshape(1, -1, k * r).expand(self.n_out, -1, k * r)
+        return a, b.reshape(-1, k * r)
+
+    def fast_path(self, n_tokens: int, factors: list[torch.Tensor]) -> bool:
+        """Whether this call may run as ``x Aᵀ Bᵀ`` (contract strategy, no DropConnect)."""
+        if not self.low_rank_ok:
+            return False
+        if self.dropout is not None and self.training and self.dropout_on == "delta":
+            return False
+        return self.use_contract(n_tokens, factors)
+
+    def rank_dropout(self) -> float:
+        """The dropout probability on the rank activations in this call (0 if none)."""
+        d = self.dropout
+        if d is None or not d.training or self.dropout_on != "rank":
+            return 0.0
+        return float(d.p)
 
     # ----------------------------------------------------------------- assembly of rows
     def _assembly(self, c: Contribution) -> None:
@@ -205,6 +315,9 @@ class ContributionProgram(nn.Module):
                     idx = getattr(self, op[2])
                     t = t.index_select(dim, idx.reshape(-1)).unflatten(dim, tuple(idx.shape))
                     new = list(op[3])
+                elif op[0] == "narrow":
+                    t = t.narrow(dim, op[2], op[3])
+                    new = list(op[4])
                 else:
                     t = t.unflatten(dim, op[2])
                     new = list(op[3])

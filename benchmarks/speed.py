@@ -1,0 +1,582 @@
+"""Training-step speed, peak memory and merged-inference benchmark (``make bench``).
+
+Two backbones, random init (timing does not depend on the weights):
+
+* ``dinov2``: timm ``vit_small_patch14_dinov2`` at 112 px (65 tokens), batch 32;
+* ``minilm``: HF ``BertForSequenceClassification`` with the all-MiniLM-L6-v2 shape (hidden 384,
+  6 layers, 12 heads, intermediate 1536), batch 32, sequence 64.
+
+Each configuration is one training step (forward, cross-entropy, backward, AdamW step) of the
+same backbone with a trainable head. **limit** freezes everything but the head and makes the
+embedding output require grad, so the backward pass runs through every block without any weight
+gradient: no adapter can be cheaper. Every configuration of a backbone lives in this one process
+and the repeats are interleaved (round-robin), so slow drift of the machine hits all alike;
+medians and min-max are reported, with ratios to the limit and to PEFT LoRA on the same targets.
+
+Peak memory is the RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
+minus the RSS after building the model, over a few training steps, measured in a separate
+process per configuration (``--quick``: one process per backbone, freed memory returned with
+``malloc_trim`` between configurations). tracemalloc cannot see torch's CPU allocations.
+
+Run ``python benchmarks/speed.py`` (full), ``--quick`` (< 2 min) or ``--tiny`` (toy models,
+for the smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import tensadapt as ta  # noqa: E402
+
+# ---------------------------------------------------------------------------- backbones
+
+
+@dataclass
+class Family:
+    """One backbone: how to build it, its inputs, and its target names."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int], dict[str, torch.Tensor]]
+    labels: Callable[[int], torch.Tensor]
+    embed: str  # the module whose output starts the backward pass of the limit
+    head: str
+    peft_attn: list[str]
+    peft_all: list[str]
+    ta_attn: list[str]
+    attn_label: str
+
+
+def _vit(tiny: bool) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        if tiny:
+            from timm.models.vision_transformer import VisionTransformer
+
+            return VisionTransformer(
+                img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=10
+            )
+        return timm.create_model(
+            "vit_small_patch14_dinov2", pretrained=False, img_size=112, num_classes=10
+        )
+
+    return build
+
+
+def _bert(tiny: bool) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        if tiny:
+            cfg = BertConfig(
+                vocab_size=100,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=2,
+            )
+        else:  # sentence-transformers/all-MiniLM-L6-v2
+            cfg = BertConfig(
+                vocab_size=30522,
+                hidden_size=384,
+                num_hidden_layers=6,
+                num_attention_heads=12,
+                intermediate_size=1536,
+                max_position_embeddings=512,
+                num_labels=2,
+            )
+        return BertForSequenceClassification(cfg)
+
+    return build
+
+
+def families(tiny: bool, seq: int) -> dict[str, Family]:
+    px = 16 if tiny else 112
+    vocab = 100 if tiny else 30522
+    seq = 8 if tiny else seq
+    return {
+        "dinov2": Family(
+            name="DINOv2-S @112" if not tiny else "tiny ViT",
+            build=_vit(tiny),
+            inputs=lambda b: {"x": torch.randn(b, 3, px, px)},
+            labels=lambda b: torch.randint(0, 10, (b,)),
+            embed="patch_embed",
+            head="head",
+            peft_attn=["qkv"],
+            peft_all=["qkv", "proj", "fc1", "fc2"],
+            ta_attn=["q", "k", "v"],
+            attn_label="qkv",
+        ),
+        "minilm": Family(
+            name=f"MiniLM-L6 seq {seq}" if not tiny else "tiny BERT",
+            build=_bert(tiny),
+            inputs=lambda b: {
+                "input_ids": torch.randint(0, vocab, (b, seq)),
+                "attention_mask": torch.ones(b, seq, dtype=torch.long),
+            },
+            labels=lambda b: torch.randint(0, 2, (b,)),
+            embed="bert.embeddings",
+            head="classifier",
+            peft_attn=["query", "key", "value", "attention.output.dense"],
+            peft_all=["query", "key", "value", "dense"],
+            ta_attn=["q", "k", "v", "o"],
+            attn_label="q,k,v,o",
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------- configurations
+
+
+def _ta(fam: Family, base: nn.Module, cfg: ta.TensorAdapterConfig) -> nn.Module:
+    return ta.get_adapter_model(base, cfg)
+
+
+def _preset(name: str, **kw: Any) -> Callable[[Family, nn.Module], nn.Module]:
+    return lambda fam, base: _ta(fam, base, ta.presets.get(name, **kw))
+
+
+def _lora(targets: str) -> Callable[[Family, nn.Module], nn.Module]:
+    def build(fam: Family, base: nn.Module) -> nn.Module:
+        roles = fam.ta_attn if targets == "attn" else ["all"]
+        return _ta(fam, base, ta.presets.get("lora", rank=8, targets=roles))
+
+    return build
+
+
+def _peft(targets: str) -> Callable[[Family, nn.Module], nn.Module]:
+    def build(fam: Family, base: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        modules = fam.peft_attn if targets == "attn" else fam.peft_all
+        cfg = LoraConfig(r=8, lora_alpha=8, target_modules=modules, modules_to_save=[fam.head])
+        return get_peft_model(base, cfg)
+
+    return build
+
+
+def _limit(fam: Family, base: nn.Module) -> nn.Module:
+    for name, p in base.named_parameters():
+        p.requires_grad_(name.startswith(fam.head + "."))
+    embed = base.get_submodule(fam.embed)
+    embed.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    return base
+
+
+def _full(fam: Family, base: nn.Module) -> nn.Module:
+    return base
+
+
+@dataclass
+class Config:
+    key: str
+    label: str
+    build: Callable[[Family, nn.Module], nn.Module]
+    compare: str | None = None  # the PEFT row with the same targets and rank
+    tags: set[str] = field(default_factory=set)
+
+
+def configurations(fam: Family) -> list[Config]:
+    a = fam.attn_label
+    return [
+        Config("limit", "limit: frozen backbone, grads flow", _limit, tags={"quick"}),
+        Config("full", "full fine-tuning", _full),
+        Config("peft_lora_attn", f"PEFT LoRA r=8 {a}", _peft("attn"), tags={"quick"}),
+        Config(
+            "ta_lora_attn", f"tensadapt LoRA r=8 {a}", _lora("attn"), "peft_lora_attn", {"quick"}
+        ),
+        Config("peft_lora_all", "PEFT LoRA r=8 all linear", _peft("all"), tags={"quick"}),
+        Config(
+            "ta_lora_all", "tensadapt LoRA r=8 all linear", _lora("all"), "peft_lora_all", {"quick"}
+        ),
+        Config(
+            "cara", "CaRA R=8 (no dropout)", _preset("cara", rank=8, dropout=0.0), tags={"quick"}
+        ),
+        Config(
+            "cara_materialise",
+            "CaRA R=8 forced materialise",
+            _preset("cara", rank=8, dropout=0.0, strategy="materialise"),
+            tags={"quick"},
+        ),
+        Config("cara_preset", "CaRA R=8 preset (DropConnect 0.1)", _preset("cara", rank=8)),
+        Config(
+            "tenslora",
+            "TensLoRA att_qkv_depth (Tucker)",
+            _preset("tenslora", variant="att_qkv_depth"),
+            tags={"quick"},
+        ),
+        Config("fact_tk", "FacT-TK r=32 (Tucker)", _preset("fact_tk"), tags={"quick"}),
+        Config("fact_tt", "FacT-TT r=8 (TT)", _preset("fact_tt"), tags={"quick"}),
+        Config("lotr", "LoTR r=8 (TT)", _preset("lotr")),
+        Config("lorta", "LoRTA r=8 (CP)", _preset("lorta")),
+        Config("metatt", "MetaTT r=8 (TT)", _preset("metatt")),
+        Config("serial_lora", "Serial LoRA r=8", _preset("serial_lora")),
+    ]
+
+
+# ---------------------------------------------------------------------------- one training step
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class Runner:
+    """A model, its optimizer and fixed inputs; ``step()`` runs one training step."""
+
+    def __init__(self, fam: Family, cfg: Config, batch: int, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        base = fam.build()
+        self.model = cfg.build(fam, base)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.inputs = fam.inputs(batch)
+        self.labels = fam.labels(batch)
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        logits = logits_of(self.model(**self.inputs))
+        loss = nn.functional.cross_entropy(logits, self.labels)
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
+def time_configs(
+    fam: Family, configs: list[Config], batch: int, warmup: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    runners = {c.key: Runner(fam, c, batch) for c in configs}
+    plans: dict[str, dict[str, int]] = {}
+    for key, r in runners.items():
+        before = ta.plan_cache_info()
+        r.step()
+        first = ta.plan_cache_info()
+        for _ in range(max(0, warmup - 1)):
+            r.step()
+        after = ta.plan_cache_info()
+        plans[key] = {
+            "first_step_built": first["built"] - before["built"],
+            "warmup_built": after["built"] - first["built"],
+        }
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for key, r in runners.items():
+            before = ta.plan_cache_info()
+            times[key].append(r.step())
+            after = ta.plan_cache_info()
+            plans[key]["timed_built"] = plans[key].get("timed_built", 0)
+            plans[key]["timed_built"] += after["built"] - before["built"]
+            plans[key]["hits_per_step"] = after["hits"] - before["hits"]
+    return {
+        k: {
+            "median": statistics.median(v),
+            "min": min(v),
+            "max": max(v),
+            "plans": plans[k],
+        }
+        for k, v in times.items()
+    }
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_kb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    fam = families(args.tiny, args.seq)[args.family]
+    by_key = {c.key: c for c in configurations(fam)}
+    out = {}
+    for key in args.keys:
+        _trim()
+        runner = Runner(fam, by_key[key], args.batch)
+        _trim()
+        base = _rss_kb()
+        _reset_peak()
+        for _ in range(args.mem_steps):
+            runner.step()
+        out[key] = max(0, _peak_kb() - base) / 1024
+        del runner
+    print("MEMORY " + json.dumps(out))
+
+
+def measure_memory(
+    args: argparse.Namespace, family: str, keys: list[str], per_process: bool
+) -> dict[str, float]:
+    groups = [[k] for k in keys] if per_process else [keys]
+    result: dict[str, float] = {}
+    for group in groups:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-child",
+            family,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--threads",
+            str(args.threads),
+            "--mem-steps",
+            str(args.mem_steps),
+            *(["--tiny"] if args.tiny else []),
+            "--keys",
+            *group,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("MEMORY ")), None)
+        if line is None:
+            raise RuntimeError(f"memory child failed for {group}:\n{proc.stderr[-2000:]}")
+        result.update(json.loads(line[len("MEMORY ") :]))
+    return result
+
+
+# ---------------------------------------------------------------------------- merged inference
+
+
+def merged_inference(
+    fam: Family, batch: int, repeats: int, configs: list[Config]
+) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    base = fam.build().eval()
+    models = {"base": base}
+    for cfg in configs:
+        am = cfg.build(fam, copy.deepcopy(base))
+        with torch.no_grad():
+            for p in am.tensor_adapters.parameters():
+                p.normal_(0, 0.01)
+        models[cfg.key] = am.merge_and_unload().eval()
+    inputs = fam.inputs(batch)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(**inputs)
+        for _ in range(repeats):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(**inputs)
+                times[k].append(time.perf_counter() - t0)
+    return {
+        k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def report_family(
+    fam: Family,
+    configs: list[Config],
+    timing: dict[str, dict[str, Any]],
+    memory: dict[str, float] | None,
+    merged: dict[str, dict[str, float]] | None,
+) -> list[str]:
+    lines = [f"### {fam.name}", ""]
+    limit = timing["limit"]["median"]
+    head = "| config | median s | min-max s | × limit | × PEFT | peak MB | plans 1st/after |"
+    lines += [head, "|" + "---|" * 7]
+    for c in configs:
+        t = timing[c.key]
+        vs_peft = ""
+        if c.compare in timing:
+            vs_peft = f"{t['median'] / timing[c.compare]['median']:.3f}"
+        mem = f"{memory[c.key]:.0f}" if memory and c.key in memory else ""
+        p = t["plans"]
+        lines.append(
+            f"| {c.label} | {t['median']:.3f} | {t['min']:.3f}-{t['max']:.3f} | "
+            f"{t['median'] / limit:.3f} | {vs_peft} | {mem} | "
+            f"{p['first_step_built']}/{p['warmup_built'] + p.get('timed_built', 0)} |"
+        )
+    if merged:
+        lines += ["", "| merged inference (eval, no grad) | median s | min-max s | × base |"]
+        lines += ["|---|---|---|---|"]
+        b = merged["base"]["median"]
+        for k, v in merged.items():
+            lines.append(
+                f"| {k} | {v['median']:.4f} | {v['min']:.4f}-{v['max']:.4f} | "
+                f"{v['median'] / b:.3f} |"
+            )
+    lines.append("")
+    return lines
+
+
+def targets_check(
+    timing: dict[str, dict[str, Any]], memory: dict[str, float] | None, fam: str
+) -> list[str]:
+    out = []
+
+    def ratio(a: str, b: str) -> float | None:
+        if a in timing and b in timing:
+            return timing[a]["median"] / timing[b]["median"]
+        return None
+
+    def line(name: str, value: float | None, bound: float) -> None:
+        if value is not None:
+            ok = "OK  " if value <= bound else "MISS"
+            out.append(f"[{ok}] {fam}: {name} = {value:.3f} (target <= {bound})")
+
+    line("tensadapt LoRA attn / PEFT", ratio("ta_lora_attn", "peft_lora_attn"), 0.95)
+    line("tensadapt LoRA all / PEFT", ratio("ta_lora_all", "peft_lora_all"), 0.95)
+    line("CaRA / limit", ratio("cara", "limit"), 1.10)
+    line("CaRA / CaRA materialise", ratio("cara", "cara_materialise"), 0.5)
+    presets = ["ta_lora_attn", "cara", "cara_preset", "tenslora", "fact_tk", "fact_tt", "lotr"]
+    presets += ["lorta", "metatt", "serial_lora"]
+    for k in presets:
+        line(f"{k} / limit", ratio(k, "limit"), 1.25)
+    if memory:
+        for ta_key, peft_key in (
+            ("ta_lora_attn", "peft_lora_attn"),
+            ("ta_lora_all", "peft_lora_all"),
+        ):
+            if ta_key in memory and peft_key in memory:
+                line(f"peak MB {ta_key} / PEFT", memory[ta_key] / max(memory[peft_key], 1e-9), 1.0)
+    return out
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats, batch 8, core configs")
+    ap.add_argument("--tiny", action="store_true", help="toy models (smoke test)")
+    ap.add_argument("--families", nargs="+", default=["dinov2", "minilm"])
+    ap.add_argument("--only", nargs="+", help="config keys to run (limit is always added)")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--warmup", type=int, help="warm-up steps (2; --quick: 1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mem-steps", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-merged", action="store_true")
+    ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--keys", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    quick = args.quick or args.tiny
+    args.batch = args.batch or (8 if quick else 32)
+    if args.memory_child:
+        args.family = args.memory_child
+        memory_child(args)
+        return {}
+    repeats = args.repeats or (3 if quick else 7)
+    args.warmup = args.warmup or (1 if quick else 2)
+    torch.set_num_threads(args.threads)
+    fams = families(args.tiny, args.seq)
+    print(
+        f"# tensadapt speed benchmark: {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, torch {torch.__version__}, batch {args.batch}, "
+        f"repeats {repeats} (interleaved), warm-up {args.warmup}; load average {_loadavg()}"
+    )
+    results: dict[str, Any] = {"args": vars(args), "families": {}}
+    lines: list[str] = []
+    checks: list[str] = []
+    for fkey in args.families:
+        fam = fams[fkey]
+        configs = configurations(fam)
+        if args.only:
+            configs = [c for c in configs if c.key in args.only or c.key == "limit"]
+        elif quick:
+            configs = [c for c in configs if "quick" in c.tags]
+        t0 = time.perf_counter()
+        timing = time_configs(fam, configs, args.batch, args.warmup, repeats)
+        memory = None
+        if not args.no_memory:
+            memory = measure_memory(args, fkey, [c.key for c in configs], per_process=not quick)
+        merged = None
+        if not args.no_merged:
+            merged_cfgs = [c for c in configs if c.key in ("ta_lora_all", "cara")]
+            merged_repeats = max(2 * repeats, 2 if args.tiny else 10)
+            merged = merged_inference(fam, args.batch, merged_repeats, merged_cfgs)
+        lines += report_family(fam, configs, timing, memory, merged)
+        checks += targets_check(timing, memory, fkey)
+        if merged:
+            for k, v in merged.items():
+                if k != "base":
+                    r = v["median"] / merged["base"]["median"]
+                    ok = "OK  " if r <= 1.01 else "MISS"
+                    checks.append(f"[{ok}] {fkey}: merged {k} / base = {r:.3f} (target <= 1.01)")
+        new_plans = sum(
+            t["plans"].get("timed_built", 0) + t["plans"]["warmup_built"] for t in timing.values()
+        )
+        checks.append(
+            f"[{'OK  ' if new_plans == 0 else 'MISS'}] {fkey}: plans built after the first step "
+            f"= {new_plans} (target 0); cache {ta.plan_cache_info()}"
+        )
+        results["families"][fkey] = {"timing": timing, "memory": memory, "merged": merged}
+        print("\n".join(report_family(fam, configs, timing, memory, merged)))
+        print(f"({fkey}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+    print(f"load average at the end: {_loadavg()}")
+    print("## targets")
+    print("\n".join(checks))
+    results["checks"] = checks
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The speed benchmark runs end to end on toy models (so ``make bench`` cannot rot)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_on_tiny_models(speed, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = speed.main(
+        ["--tiny", "--repeats", "1", "--warmup", "1", "--no-memory", "--json", str(out)]
+        + ["--only", "peft_lora_attn", "ta_lora_attn", "ta_lora_all", "cara", "fact_tt"]
+    )
+    text = capsys.readouterr().out
+    assert "× limit" in text and "## targets" in text
+    for fam in ("dinov2", "minilm"):
+        timing = results["families"][fam]["timing"]
+        assert {"limit", "peft_lora_attn", "ta_lora_attn", "cara", "fact_tt"} <= set(timing)
+        assert all(t["median"] > 0 for t in timing.values())
+        # no re-planning after the first step at a fixed shape
+        assert all(t["plans"]["timed_built"] == 0 for t in timing.values())
+        merged = results["families"][fam]["merged"]
+        assert set(merged) >= {"base", "ta_lora_all", "cara"}
+    assert json.loads(out.read_text())["checks"]
+
+
+def test_memory_child_reports_every_config(speed, capsys):
+    speed.main(["--tiny", "--memory-child", "minilm", "--keys", "limit", "ta_lora_attn"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("MEMORY "))
+    memory = json.loads(line[len("MEMORY ") :])
+    assert set(memory) == {"limit", "ta_lora_attn"}
+    assert all(v >= 0 for v in memory.values())
