@@ -254,6 +254,18 @@ class ContributionProgram(nn.Module):
             return False
         return self.use_contract(n_tokens, factors)
 
+    def materialises(self, n_tokens: int, factors: list[torch.Tensor]) -> bool:
+        """Whether this call forms ``ΔW`` (DropConnect in training, or the cheaper strategy)."""
+        if self.dropout is not None and self.training and self.dropout_on == "delta":
+            return True
+        return not self.use_contract(n_tokens, factors)
+
+    def add_weight_rows(self, weight: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``weight`` with ``alpha · d`` added on this contribution's rows (out of place)."""
+        if self.full:
+            return torch.add(weight, d.to(weight.dtype), alpha=alpha)
+        return weight.index_add(0, self._rows, d.to(weight.dtype), alpha=alpha)
+
     def rank_dropout(self) -> float:
         """The dropout probability on the rank activations in this call (0 if none)."""
         d = self.dropout
