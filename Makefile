@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m tensadapt.cli demo
+	$(BIN)/tensadapt ablate benchmarks/specs/quick.yaml
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
