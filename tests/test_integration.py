@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, make
+from families import EXTRA_FAMILIES, FAMILIES, GQA_FAMILIES, make
 
 import tensadapt as ta
 
@@ -15,8 +15,16 @@ MODE_SETS = {
         modes=["depth*qkv*slices"], targets=["all"], orientation="residual"
     ),
 }
+FACTORIZATIONS = ("cp", "tucker", "tt")
 CASES = [(fam, "lora", "per-layer") for fam in FAMILIES] + [
-    (fam, fac, ms) for fam in FAMILIES for fac in ("cp", "tucker", "tt") for ms in MODE_SETS
+    (fam, fac, ms) for fam in FAMILIES for fac in FACTORIZATIONS for ms in MODE_SETS
+]
+# the further families get plain LoRA plus each mode set once, the factorisation rotating with
+# the family, so that every factorisation x mode set pair still meets at least one of them
+CASES += [(fam, "lora", "per-layer") for fam in EXTRA_FAMILIES] + [
+    (fam, FACTORIZATIONS[(i + j) % 3], ms)
+    for i, fam in enumerate(EXTRA_FAMILIES)
+    for j, ms in enumerate(MODE_SETS)
 ]
 
 
@@ -25,7 +33,7 @@ def config_for(family, factorization, mode_set):
         fields = dict(targets=["all"])
     else:
         fields = dict(MODE_SETS[mode_set])
-    if family == "hf_llama_gqa" and mode_set == "depth+qkv+heads":
+    if family in GQA_FAMILIES and mode_set == "depth+qkv+heads":
         fields["targets"] = ["k", "v"]  # grouped-query k/v share a shape; q does not
     rank = 2 if factorization == "tucker" else 3
     return ta.TensorAdapterConfig(factorization=factorization, rank=rank, alpha=6.0, **fields)
