@@ -166,8 +166,8 @@ class TensorAdapterLayer(nn.Module):
         weight, bias = w, self.bias
         for p, f in zip(self.programs, factors):
             d = p.delta(f)
-            if p.dropout is not None and p.training and p.dropout_on == "delta":
-                d = p.dropout(d)
+            if p.drops_delta():
+                d = p.drop_connect(d)
             if p.serial:
                 d = w.index_select(0, p._rows) @ d
             weight = p.add_weight_rows(weight, d, p.scale)

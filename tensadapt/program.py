@@ -250,15 +250,26 @@ class ContributionProgram(nn.Module):
         """Whether this call may run as ``x Aᵀ Bᵀ`` (contract strategy, no DropConnect)."""
         if not self.low_rank_ok:
             return False
-        if self.dropout is not None and self.training and self.dropout_on == "delta":
+        if self.drops_delta():
             return False
         return self.use_contract(n_tokens, factors)
 
+    def drops_delta(self) -> bool:
+        """Whether this call applies DropConnect to ``ΔW`` (``dropout_on="delta"``, training)."""
+        return self.dropout is not None and self.training and self.dropout_on == "delta"
+
+    def drop_connect(self, delta: torch.Tensor) -> torch.Tensor:
+        """``ΔW ⊙ m / (1 - p)`` with ``m_ij ~ Bernoulli(1 - p)``: dropout on the update itself.
+
+        The same law as ``nn.Dropout``, with the mask drawn as ``U(0,1) ≥ p`` (a fraction of
+        the cost of ``native_dropout`` on CPU for a dense ``out × in`` mask)."""
+        p = self.dropout.p
+        mask = torch.rand_like(delta) >= p
+        return delta * mask.to(delta.dtype).mul_(1.0 / (1.0 - p))
+
     def materialises(self, n_tokens: int, factors: list[torch.Tensor]) -> bool:
         """Whether this call forms ``ΔW`` (DropConnect in training, or the cheaper strategy)."""
-        if self.dropout is not None and self.training and self.dropout_on == "delta":
-            return True
-        return not self.use_contract(n_tokens, factors)
+        return self.drops_delta() or not self.use_contract(n_tokens, factors)
 
     def add_weight_rows(self, weight: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor:
         """``weight`` with ``alpha · d`` added on this contribution's rows (out of place)."""
@@ -388,7 +399,7 @@ class ContributionProgram(nn.Module):
         n = x2d.shape[0]
         dropping = self.dropout is not None and self.training
         if dropping and self.dropout_on == "delta":
-            return x2d @ self.dropout(self.delta(factors)).t()
+            return x2d @ self.drop_connect(self.delta(factors)).t()
         xv = x2d.reshape(n, *self.x_view)
         if dropping and self.dropout_on == "rank":
             first, rest = self._stage_terms
