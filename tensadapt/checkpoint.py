@@ -3,11 +3,13 @@
 Writes are atomic: each file goes to a temporary sibling first and is renamed into place
 only when both are complete, so a crash mid-save leaves the previous checkpoint loadable.
 Reads validate everything (format version, targets, tensor names and shapes, a truncated
-file) before a model is touched.
+file, and a SHA-256 checksum of the tensors written at save time, which catches flipped
+bytes that still parse) before a model is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -33,6 +35,17 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CHECKSUM_KEY = "tensadapt_sha256"
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _temp_path(path: Path) -> Path:
@@ -65,12 +78,19 @@ def write_checkpoint(
     config_tmp = _temp_path(directory / CONFIG_NAME)
     try:
         flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        checksum = _checksum(flat)
         save_file(
             flat,
             str(weights_tmp),
-            metadata={"format": "pt", "tensadapt_format": str(FORMAT_VERSION)},
+            metadata={
+                "format": "pt",
+                "tensadapt_format": str(FORMAT_VERSION),
+                CHECKSUM_KEY: checksum,
+            },
         )
-        text = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True)
+        # the config names its weights too: a pair from two different saves is refused
+        meta = {"format_version": FORMAT_VERSION, **meta, CHECKSUM_KEY: checksum}
+        text = json.dumps(meta, indent=2, sort_keys=True)
         with open(config_tmp, "w") as fh:
             fh.write(text + "\n")
             fh.flush()
@@ -110,9 +130,23 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
         )
     try:
         tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as fh:
+            saved_sum = (fh.metadata() or {}).get(CHECKSUM_KEY)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"{weights_path} cannot be read ({err}); the file is truncated or corrupted — "
             "save the adapter again"
         ) from None
+    if saved_sum is not None and saved_sum != _checksum(tensors):
+        raise CheckpointError(
+            f"{weights_path} does not match the checksum written when it was saved "
+            f"({CHECKSUM_KEY} {saved_sum[:12]}…); the file is truncated or corrupted — "
+            "save the adapter again"
+        )
+    paired = meta.pop(CHECKSUM_KEY, None)
+    if paired is not None and saved_sum is not None and paired != saved_sum:
+        raise CheckpointError(
+            f"{config_path} and {weights_path} come from different saves (the config names "
+            f"weights {paired[:12]}…, the file holds {saved_sum[:12]}…); save the adapter again"
+        )
     return meta, tensors

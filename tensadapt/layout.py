@@ -154,9 +154,10 @@ def _split_heads(
             "found; pass num_heads= in the config"
         )
     if side_size % t.heads:
+        valid = [h for h in range(1, side_size + 1) if side_size % h == 0]
         raise ModeError(
             f"group {gi}: heads={t.heads} does not divide the attention width {side_size} of "
-            f"{t.module} ({t.role}); heads must divide it"
+            f"{t.module} ({t.role}); valid head counts are {', '.join(map(str, valid))}"
         )
     axis = side_axes[0]
     axes = ["heads", axis] if group.heads_layout == "semantic" else [axis, "heads"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_vit
 from oracle import dense_oracle, expected_target_delta
+from tensorly.cp_tensor import cp_to_tensor
 
 import tensadapt as ta
 
@@ -144,3 +146,66 @@ def test_strategy_auto_follows_planned_flops():
         + 2 * big * program.rows * 16
     )
     assert program.use_contract(big, factors) == (c <= m)
+
+
+CP_WEIGHT_MODES = {
+    "per-layer": ([], QKV),
+    "depth+qkv+heads": (["depth", "qkv", "heads"], QKV),
+    "depth*qkv*slices": (["depth*qkv*slices"], ALL),
+}
+
+
+@pytest.mark.parametrize("mode_set", sorted(CP_WEIGHT_MODES))
+@pytest.mark.parametrize("weights", ["trainable", "fixed"])
+def test_cp_weights_match_tensorly(weights, mode_set):
+    """CP with λ (``factorization_options={"weights": ...}``): T = Σ_r λ_r Π_n A_n[:, r], checked
+    against tensorly's cp_to_tensor((λ, factors)) built here, and both strategies = x ΔWᵀ."""
+    modes, roles = CP_WEIGHT_MODES[mode_set]
+    model, cfg = build("cp", modes, roles, "in_out", factorization_options={"weights": weights})
+    am = ta.get_adapter_model(model, cfg)
+    tensors = list(am.tensor_adapters.values())
+    for t in tensors:
+        assert torch.equal(t.weights, torch.ones(3, dtype=torch.float64))  # λ starts at ones
+        is_param = "weights" in dict(t.named_parameters())
+        assert is_param == (weights == "trainable")
+        assert ("weights" in dict(t.named_buffers())) == (weights == "fixed")
+    # ΔW = 0 at init with λ present too
+    for name in am.adapted_layers:
+        assert torch.count_nonzero(am.delta_weight(name)) == 0
+    randomize(am)
+    with torch.no_grad():  # distinct λ (a fixed λ is a buffer: set it as a loaded one would be)
+        for t in tensors:
+            t.weights.copy_(torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64))
+    for t in tensors:
+        factors = [getattr(t, f"factor_{a}").detach().numpy() for a in t.axes]
+        want = cp_to_tensor((t.weights.detach().numpy(), factors))
+        torch.testing.assert_close(t.reconstruct(), torch.from_numpy(want), rtol=0, atol=1e-10)
+        unweighted = cp_to_tensor((np.ones(3), factors))
+        assert not np.allclose(want, unweighted)  # λ really enters the product
+    for row in ta.resolve_targets(tiny_vit(), cfg):
+        start = {"q": 0, "k": 1, "v": 2}.get(row.role, 0) if row.module.endswith("qkv") else 0
+        got = am.delta_weight(row.module)[start * row.shape[0] : (start + 1) * row.shape[0]]
+        want = 0.5 * expected_target_delta(am, cfg, row, dim=16, layers=2)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    for name, layer in am.adapted_layers.items():
+        xin = torch.randn(5, layer.base_layer.in_features, dtype=torch.float64)
+        want = xin @ am.delta_weight(name).T
+        for strategy in ("contract", "materialise"):
+            for p in layer.programs:
+                p.strategy = strategy
+            got = layer(xin) - layer.base_layer(xin)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    # λ trains only when trainable; count_parameters agrees either way
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    am(x).square().sum().backward()
+    for t in tensors:
+        if weights == "trainable":
+            assert t.weights.grad is not None and t.weights.grad.abs().sum() > 0
+        else:
+            assert t.weights.grad is None and not t.weights.requires_grad
+    trainable = sum(p.numel() for p in am.tensor_adapters.parameters() if p.requires_grad)
+    factor_count = sum(
+        getattr(t, f"factor_{a}").numel() for t in tensors for a in t.axes
+    )  # R · Σ_n n_n per tensor (+ R for a trainable λ)
+    assert trainable == factor_count + (3 * len(tensors) if weights == "trainable" else 0)
+    assert ta.count_parameters(tiny_vit(), cfg) == trainable

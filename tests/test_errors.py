@@ -121,7 +121,7 @@ CATALOGUE = {
             ta.TensorAdapterConfig(factorization="cp", modes=["heads"], targets=["q"], num_heads=4),
         ),
         ModeError,
-        ["heads=4", "18"],
+        ["heads=4", "attention width 18", "valid head counts are 1, 2, 3, 6, 9, 18"],
     ),
     "heads-on-mlp": (
         _vit,
@@ -179,7 +179,13 @@ CATALOGUE = {
         lambda: make("hf_bert")[0],
         "truncate",
         CheckpointError,
-        ["truncated or corrupted"],
+        ["adapter_model.safetensors", "truncated or corrupted", "save the adapter again"],
+    ),
+    "load-corrupted": (
+        lambda: make("hf_bert")[0],
+        "corrupt",
+        CheckpointError,
+        ["adapter_model.safetensors", "checksum", "corrupted", "save the adapter again"],
     ),
     "load-newer-format": (
         lambda: make("hf_bert")[0],
@@ -187,7 +193,13 @@ CATALOGUE = {
         CheckpointError,
         ["format_version 99", "upgrade"],
     ),
-    "load-shape-mismatch": (lambda: make("hf_bert")[0], "shape", CheckpointError, ["wrong shape"]),
+    "load-shape-mismatch": (
+        lambda: make("hf_bert")[0],
+        "shape",
+        CheckpointError,
+        # the tensor, its shape in the file (rank 2) and the shape the config needs (rank 3)
+        ["wrong shape", "('tensor_adapters.g0_l0.factor_in', (32, 2), (32, 3))"],
+    ),
 }
 
 
@@ -197,6 +209,11 @@ def _file_action(kind):
         if kind == "truncate":
             w = path / "adapter_model.safetensors"
             w.write_bytes(w.read_bytes()[:40])
+        elif kind == "corrupt":  # one data byte flipped: same length, the header still parses
+            w = path / "adapter_model.safetensors"
+            data = bytearray(w.read_bytes())
+            data[-3] ^= 0xFF
+            w.write_bytes(bytes(data))
         elif kind == "newer":
             c = path / "adapter_config.json"
             c.write_text(json.dumps(json.loads(c.read_text()) | {"format_version": 99}))
@@ -236,3 +253,14 @@ def test_catalogue_is_documented():
     doc = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", doc, flags=re.M))
     assert documented == set(CATALOGUE)
+
+
+def test_heads_not_dividing_names_the_valid_head_counts():
+    model = tiny_vit(dim=18, heads=3)
+    snap = snapshot(model)
+    cfg = ta.TensorAdapterConfig(factorization="cp", modes=["heads"], targets=["q"], num_heads=4)
+    with pytest.raises(ModeError) as err:
+        ta.get_adapter_model(model, cfg)
+    assert unchanged(model, snap)
+    valid = [h for h in range(1, 19) if 18 % h == 0]  # the divisors of the width
+    assert ", ".join(map(str, valid)) in str(err.value), str(err.value)
