@@ -220,12 +220,20 @@ class ContributionProgram(nn.Module):
         sym = Symbols()
         self.a_eq = f"{','.join(sym(self._labels[i]) for i in a_terms)}->{sym(a_out)}"
         self.b_eq = f"{','.join(sym(self._labels[i]) for i in b_terms)}->{sym(b_out)}"
+        self._a_view = _single_term_view(self.a_eq, [self._labels[i] for i in a_terms], sizes)
+        self._b_view = _single_term_view(self.b_eq, [self._labels[i] for i in b_terms], sizes)
         self._a_expand = self.n_in > 1 and not chunked and not a_has_pi
         self._b_expand_pi = chunked and not b_has_pi
         self._b_expand_po = self.n_out > 1 and not b_has_po
         self.low_rank_ok = True
 
-    def _side(self, equation: str, operands: list[torch.Tensor]) -> torch.Tensor:
+    def _side(
+        self, equation: str, operands: list[torch.Tensor], view: tuple | None
+    ) -> torch.Tensor:
+        if view is not None:  # one term: a view (squeeze size-1 axes, permute), no einsum
+            squeeze, perm = view
+            t = operands[0]
+            return (t.squeeze(squeeze) if squeeze else t).permute(perm)
         if len(operands) == 1:
             return torch.einsum(equation, operands[0])
         return self._plan(equation, operands)(*operands)
@@ -234,8 +242,8 @@ class ContributionProgram(nn.Module):
         """``(A, B)`` with ``ΔW_c x = B (A x)`` (unscaled). ``A`` is ``(R, module_in)`` in the
         layout of ``x``, or ``(R, in_chunk)`` applied to each of :attr:`chunks` input chunks;
         ``B`` is ``(rows, chunks·R)`` in the order of :attr:`_rows` (serial: ``(in, ·)``)."""
-        a = self._side(self.a_eq, [factors[i] for i in self._a_terms])
-        b = self._side(self.b_eq, [factors[i] for i in self._b_terms])
+        a = self._side(self.a_eq, [factors[i] for i in self._a_terms], self._a_view)
+        b = self._side(self.b_eq, [factors[i] for i in self._b_terms], self._b_view)
         r, k = self.cut_size, self.chunks
         if self._a_expand:
             a = a.reshape(r, 1, self.in_chunk).expand(r, self.n_in, self.in_chunk)
@@ -415,3 +423,20 @@ class ContributionProgram(nn.Module):
         if not self.po_used and self.n_out > 1:
             y = y.unsqueeze(1).expand(n, self.n_out, *y.shape[1:])
         return y.reshape(n, -1)
+
+
+def _single_term_view(
+    equation: str, labels: list[tuple], sizes: dict
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """For a one-term side ``"abc->cb"`` whose summed axes all have size 1: the axes to
+    squeeze and the permutation of the rest (the side is then a view); None otherwise."""
+    if len(labels) != 1:
+        return None
+    inputs, output = equation.split("->")
+    if len(set(inputs)) != len(inputs):
+        return None
+    dropped = [i for i, ch in enumerate(inputs) if ch not in output]
+    if any(sizes[labels[0][i]] != 1 for i in dropped):
+        return None
+    kept = [ch for ch in inputs if ch in output]
+    return tuple(dropped), tuple(kept.index(ch) for ch in output)
