@@ -151,11 +151,14 @@ class ContributionProgram(nn.Module):
         self.contract_eq = f"{sym(x_labels)},{factors}->{sym(y_labels)}"
         self.materialise_eq = f"{factors}->{sym(w_labels)}"
         self.x_view = ((self.n_in,) if self.n_in > 1 else ()) + self.in_sizes
-        # two stages for dropout on the rank activations: x meets the input-side terms first
-        inputs = set(x_labels) - {TOKENS}
-        first = [i for i, l in enumerate(self._labels) if inputs & set(l)]
+        # two stages for dropout on the rank activations: x meets the terms holding its
+        # feature axes first; an input cut into chunks keeps its chunk axis, so the mask
+        # falls on each chunk's own rank activations (as the low-rank path does)
+        first = [i for i, l in enumerate(self._labels) if set(c.in_axes) & set(l)]
         rest = [i for i in range(len(self._labels)) if i not in first]
         counts = Counter(l for i in rest for l in self._labels[i]) + Counter(y_labels)
+        if self.n_in > 1:
+            counts[PI] += 1
         stage1 = [x_labels] + [self._labels[i] for i in first]
         mid = sorted({l for ls in stage1 for l in ls if l in counts}, key=str)
         self._stage_terms = (first, rest)
