@@ -225,13 +225,36 @@ def fact_tt(rank: int = 8, scale: float = 1.0, dropout: float = 0.1) -> TensorAd
 
 
 @register_preset("fact_tk")
-def fact_tk(rank: int = 32, scale: float = 1.0, dropout: float = 0.1) -> TensorAdapterConfig:
+def fact_tk(
+    rank: int = 32,
+    scale: float = 1.0,
+    dropout: float = 0.1,
+    reference_mlp_reshape: bool = False,
+) -> TensorAdapterConfig:
     """FacT-TK (Jie & Deng, AAAI 2023): the same tensor as FacT-TT in Tucker form.
 
     ``Σ_s = C ×₃ P[:, s]`` with core C (r×r×r) and slice factor P; U, V (zero) shared.
-    Clean Tucker layout (the reference code interleaves slice and rank for the MLP cores).
-    Params ``1536r + 144r + r³``.
+    Params ``1536r + 144r + r³``. This is the clean Tucker form for every slice, MLP ones
+    included: fc1's output slice t and fc2's input slice t use ``Σ_{12l+4+t}`` and
+    ``Σ_{12l+8+t}``, with C's modes bound to U, V, P as for q, k, v, o.
+
+    ``reference_mlp_reshape=True`` asks for the reference code's MLP cores, which reshape the
+    ``(r, r, 4)`` stack ``M = C ×₃ P[:, slices]`` to ``r × 4r`` without a permute: fc1's
+    output slice t, rank column c reads ``M[a, ⌊(t·r+c)/4⌋, (t·r+c) mod 4]`` (fc2 likewise,
+    with C's first mode bound to V instead of U). The engine cannot express that, so it
+    raises :class:`~tensadapt.errors.ConfigError` (see docs/methods.md).
     """
+    if reference_mlp_reshape:
+        raise ConfigError(
+            "fact_tk(reference_mlp_reshape=True) is not implemented: the reference code builds "
+            "the fc1/fc2 cores by reshaping M = C ×₃ P[:, 4 slices] from (r, r, 4) to (r, 4r) "
+            "without a permute, so in slice t (fc1: output, fc2: input) the rank column c "
+            "reads M[a, (t·r+c) // 4, (t·r+c) % 4] (and for fc2 C's first mode meets V, not U). "
+            "One slice then mixes all four rows of P with C's second mode, which no mapping "
+            "of slice coordinates onto a single Tucker factor network (each tensor axis on one "
+            "factor, shared by every slice) can reproduce. Use the default clean Tucker form "
+            "(same parameters and count); see docs/methods.md, FacT"
+        )
     return TensorAdapterConfig(
         factorization="tucker",
         modes=["depth*qkv*slices", "in", "out"],

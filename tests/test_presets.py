@@ -22,9 +22,38 @@ TENSLORA = {
     "qkv_depth": lambda r: 2 * r * D + 3 * r + r * L + r**4,
     "att_qkv_depth": lambda r: r * D + r * DH + r * H + 3 * r + r * L + r**5,
 }
+# CP (TensLoRA's alternative): R·(sum of the mode sizes) per tensor, times the number of
+# tensors; the weights are fixed ones (a buffer), so they are not counted.
+TENSLORA_CP = {
+    "att": lambda r: 3 * L * r * (D + DH + H),
+    "qkv": lambda r: L * r * (2 * D + 3),
+    "depth": lambda r: 3 * r * (2 * D + L),
+    "att_qkv": lambda r: L * r * (D + DH + H + 3),
+    "att_depth": lambda r: 3 * r * (D + DH + H + L),
+    "qkv_depth": lambda r: r * (2 * D + 3 + L),
+    "att_qkv_depth": lambda r: r * (D + DH + H + 3 + L),
+}
+# CaRA's mode-count ablation: only the q/k/v tensor changes; the o+MLP tensor
+# (9L, d, d) keeps R·(9L + 2d) + R (λ), and the three shared biases add 768 + 3072 + 768.
+CARA_QKV_SIZES = {
+    4: 3 * L + D + H + DH,  # (3L, d, H, d_h), the default
+    5: L + 3 + D + H + DH,  # (L, 3, d, H, d_h)
+    3: 3 * L + 2 * D,  # (3L, d, d)
+    2: 3 * L + D * D,  # (3L, d·d)
+}
+CARA_MODES = {
+    m: (lambda r, n=n: r * (n + 1) + r * (9 * L + 2 * D + 1) + (D + 4 * D + D))
+    for m, n in CARA_QKV_SIZES.items()
+}
 TABLE = (
     [("cara", dict(rank=r), 2526 * r + 4608) for r in (1, 2, 4, 8, 16, 32, 64)]
+    + [("cara", dict(rank=r, modes=m), CARA_MODES[m](r)) for m in (5, 3, 2) for r in (1, 8, 32)]
     + [("tenslora", dict(variant=v, rank=r), f(r)) for v, f in TENSLORA.items() for r in (4, 8)]
+    + [
+        ("tenslora", dict(variant=v, rank=r, factorization="cp"), f(r))
+        for v, f in TENSLORA_CP.items()
+        for r in (4, 8)
+    ]
     + [("fact_tt", dict(rank=r), 1536 * r + 144 * r * r) for r in (4, 8, 16)]
     + [("fact_tk", dict(rank=r), 1536 * r + 144 * r + r**3) for r in (8, 16, 32)]
     + [("lorta", dict(rank=r), 860 * r) for r in (1, 4, 8, 16)]
@@ -35,8 +64,21 @@ TABLE = (
     + [("serial_lora", dict(rank=r), 2 * D * r * L) for r in (4, 8)]
 )
 # literal figures from the papers' tables, checked against the formulas above
-assert [n for p, kw, n in TABLE if p == "cara"] == [7134, 9660, 14712, 24816, 45024, 85440, 166272]
+CARA_DEFAULT = [n for p, kw, n in TABLE if p == "cara" and "modes" not in kw]
+assert CARA_DEFAULT == [7134, 9660, 14712, 24816, 45024, 85440, 166272]
 assert TENSLORA["att_qkv_depth"](8) == 39640 and TENSLORA["qkv_depth"](4) == 6460
+assert all(CARA_MODES[4](r) == 2526 * r + 4608 for r in (1, 8, 64))
+assert [CARA_MODES[m](1) - 4608 for m in (5, 3, 2)] == [2505, 3218, 591506]
+assert [TENSLORA_CP[v](4) for v in ("att", "qkv_depth", "att_qkv_depth")] == [121536, 6204, 3436]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster than two, and much faster on a loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +190,12 @@ EXPECTED_PARAMETERS = {
         "g0.factor_qkv": (4, 8),
         "g0.factor_depth": (12, 8),
     },
+    "metatt": {  # r = 8: TT cores over [in, depth, qkv, out]: d·r, L·r², M·r², r·d
+        "g0.core_in": (1, 768, 8),
+        "g0.core_depth": (8, 12, 8),
+        "g0.core_qkv": (8, 3, 8),
+        "g0.core_out": (8, 768, 1),
+    },
 }
 
 
@@ -160,6 +208,7 @@ def test_trained_parameters_are_the_methods_symbols(name):
         "fact_tk": dict(rank=32),
         "lotr": dict(rank=8),
         "lorta": dict(rank=8),
+        "metatt": dict(rank=8),
     }[name]
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
@@ -199,11 +248,45 @@ def test_cara_on_supported_families(family):
         torch.testing.assert_close(out_of(am(**inputs)), adapted, rtol=1e-4, atol=1e-5)
 
 
-def test_tenslora_on_hf_vit_and_bert():
+# TensLoRA's tensors per variant, from the shapes: (number of tensors, mode sizes), for a model
+# with width d, L blocks, H heads of size dh (q, k, v adapted).
+def tenslora_shapes(variant, d, l, h, dh):
+    return {
+        "att": (3 * l, [d, dh, h]),
+        "qkv": (l, [d, d, 3]),
+        "depth": (3, [d, d, l]),
+        "att_qkv": (l, [d, dh, h, 3]),
+        "att_depth": (3, [d, dh, h, l]),
+        "qkv_depth": (1, [d, d, 3, l]),
+        "att_qkv_depth": (1, [d, dh, h, 3, l]),
+    }[variant]
+
+
+def tenslora_count(variant, r, factorization, d, l, h, dh):
+    """Tucker: Σ n·r + r^order per tensor; CP: Σ n·r per tensor (weights fixed ones)."""
+    n, sizes = tenslora_shapes(variant, d, l, h, dh)
+    core = r ** len(sizes) if factorization == "tucker" else 0
+    return n * (r * sum(sizes) + core)
+
+
+assert all(
+    tenslora_count(v, r, "tucker", D, L, H, DH) == f(r) for v, f in TENSLORA.items() for r in (4, 8)
+)
+assert all(
+    tenslora_count(v, r, "cp", D, L, H, DH) == f(r) for v, f in TENSLORA_CP.items() for r in (4, 8)
+)
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "hf_bert"])
+def test_tenslora_on_hf_vit_and_bert(family):
+    """Every variant × factorisation on HF ViT and BERT (the paper's families): the exact
+    count, a no-op at init, and once the factors are random the model's output moves and
+    one target computes exactly ``base(x) + x ΔWᵀ``."""
     import transformers as tf
 
-    vit = tf.ViTModel(
-        tf.ViTConfig(
+    if family == "hf_vit":
+        torch.manual_seed(0)
+        config = tf.ViTConfig(
             hidden_size=32,
             num_hidden_layers=2,
             num_attention_heads=4,
@@ -211,11 +294,34 @@ def test_tenslora_on_hf_vit_and_bert():
             image_size=16,
             patch_size=8,
         )
-    )
-    for model in (vit, make("hf_bert")[0]):
+        model = tf.ViTModel(config).eval()
+        inputs, out_of = {"pixel_values": torch.randn(2, 3, 16, 16)}, lambda o: o.last_hidden_state
+        target = "layers.1.attention.v_proj"
+    else:
+        model, inputs, out_of = make("hf_bert")
+        target = "bert.encoder.layer.1.attention.self.value"
+    with torch.no_grad():
+        base = out_of(model(**inputs))
+    for factorization in ("tucker", "cp"):
         for variant in presets.TENSLORA_VARIANTS:
-            cfg = presets.get("tenslora", variant=variant, rank=2)
-            assert ta.count_parameters(model, cfg) > 0
+            cfg = presets.get("tenslora", variant=variant, rank=2, factorization=factorization)
+            assert ta.count_parameters(model, cfg) == tenslora_count(
+                variant, 2, factorization, d=32, l=2, h=4, dh=8
+            ), (variant, factorization)
+            am = ta.get_adapter_model(model, cfg)
+            layer = am.adapted_layers[target]
+            seen: dict = {}
+            hook = layer.register_forward_hook(lambda m, a, y, seen=seen: seen.update(x=a[0], y=y))
+            with torch.no_grad():
+                assert torch.equal(out_of(am(**inputs)), base), (variant, factorization)
+                for p in am.tensor_adapters.parameters():
+                    p.normal_(0, 0.5)
+                adapted = out_of(am(**inputs))
+                assert (adapted - base).abs().max() > 1e-5, (variant, factorization)
+                expected = layer.base_layer(seen["x"]) + seen["x"] @ am.delta_weight(target).t()
+                torch.testing.assert_close(seen["y"], expected, rtol=1e-4, atol=1e-5)
+            hook.remove()
+            am.unload()
 
 
 def test_presets_fail_clearly_where_the_structure_is_missing():
