@@ -50,3 +50,37 @@ def _restore_registries():
     for reg, items in saved:
         reg._items.clear()
         reg._items.update(items)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster than two, and much faster on a loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_noop_then_trains(model, config, x, y, steps: int = 20) -> None:
+    """The adapted model equals the base at init, and ``steps`` AdamW steps on the fixed
+    batch lower the cross-entropy (the head is frozen by the caller's config)."""
+    import tensadapt as ta
+
+    with torch.no_grad():
+        base = model(x)
+    am = ta.get_adapter_model(model, config)
+    with torch.no_grad():
+        assert torch.equal(am(x), base)
+    opt = torch.optim.AdamW([p for p in am.parameters() if p.requires_grad], lr=1e-2)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        start = loss_fn(am(x), y).item()
+    am.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(am(x), y).backward()
+        opt.step()
+    am.eval()
+    with torch.no_grad():
+        end = loss_fn(am(x), y).item()
+    assert end < start - 1e-3, (start, end)

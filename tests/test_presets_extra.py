@@ -10,7 +10,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import tiny_vit
+from conftest import assert_noop_then_trains, tiny_vit
 
 import tensadapt as ta
 from tensadapt import presets
@@ -20,12 +20,8 @@ F64 = dict(adapter_dtype="float64")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two, and much faster on a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs tiny models on one thread (see conftest.one_thread)."""
 
 
 def _tiny(dim=16, heads=2, depth=2, **kw):
@@ -453,21 +449,4 @@ def test_variants_noop_at_init_and_train(name, kwargs):
     model = tiny_vit(dim=16, heads=2, num_classes=4).eval()
     x = torch.randn(8, 3, 16, 16)
     y = torch.randint(0, 4, (8,))
-    with torch.no_grad():
-        base = model(x)
-    am = ta.get_adapter_model(model, presets.get(name, modules_to_save=[], **kwargs))
-    with torch.no_grad():
-        assert torch.equal(am(x), base)
-    opt = torch.optim.AdamW([p for p in am.parameters() if p.requires_grad], lr=1e-2)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    with torch.no_grad():
-        start = loss_fn(am(x), y).item()
-    am.train()
-    for _ in range(20):
-        opt.zero_grad()
-        loss_fn(am(x), y).backward()
-        opt.step()
-    am.eval()
-    with torch.no_grad():
-        end = loss_fn(am(x), y).item()
-    assert end < start - 1e-3, (start, end)
+    assert_noop_then_trains(model, presets.get(name, modules_to_save=[], **kwargs), x, y)
