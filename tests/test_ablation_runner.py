@@ -86,6 +86,10 @@ def test_study_records_and_report(tmp_path, counted):
     again = run_study(spec, tmp_path, progress=False)
     assert calls == [] and len(again.skipped) == len(grid)
     assert len(lines(tmp_path / "results.jsonl")) == len(grid)
+    # runs re-done out of order (appended last): the report keeps the spec's order
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(reversed(path.read_text().splitlines(keepends=True))))
+    assert run_study(spec, tmp_path, progress=False).report.markdown == study.report.markdown
 
 
 def test_same_seed_same_result(tmp_path):

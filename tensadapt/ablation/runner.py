@@ -297,8 +297,10 @@ def _run_study(
     if report and ctx.is_main:
         from .report import write_report
 
-        ids = {r.run_id for r in grid}
-        records = [r for r in read_results(results_path) if r.get("run_id") in ids]
+        # the report follows the spec's order, whatever order the runs finished in
+        position = {r.run_id: i for i, r in enumerate(grid)}
+        records = [r for r in read_results(results_path) if r.get("run_id") in position]
+        records.sort(key=lambda r: position[r["run_id"]])
         if records:
             study.report = write_report(records, out, title=spec.name)
     return study
