@@ -138,14 +138,40 @@ class TensorAdapterLayer(nn.Module):
         if self.merged or self.state.disabled:
             return self.base_layer(x, *args, **kwargs)
         if not (args or kwargs):
-            fast = self._forward_low_rank(x)
-            if fast is None:
-                fast = self._forward_folded(x)
-            if fast is not None:
-                return fast
+            factors = self._factors_for(x)
+            if factors is not None:
+                fast = self._forward_low_rank(x, factors)
+                if fast is None:
+                    fast = self._forward_folded(x, factors)
+                if fast is not None:
+                    return fast
         return self._forward_general(x, *args, **kwargs)
 
-    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _factors_for(self, x: torch.Tensor) -> list[list[torch.Tensor]] | None:
+        """Each program's sliced factors when ``x``, ``W`` and the factors share a dtype and
+        ``W`` is frozen (the two fused paths' precondition), else None."""
+        w = self.weight_out_in()
+        if w.requires_grad or x.dtype != w.dtype:
+            return None
+        factors = [p.operands() for p in self.programs]
+        if any(f[0].dtype != w.dtype for f in factors):
+            return None
+        return factors
+
+    def _shared_bias(self) -> torch.Tensor | None:
+        """``b + Σ_c s_c b_c``: the frozen bias plus the adapters' shared role biases."""
+        bias = self.bias
+        for p in self.programs:
+            vec = p.bias_vector()
+            if vec is not None:
+                rows = self.weight_out_in().shape[0]
+                vec = vec.new_zeros(rows).index_add(0, p._rows, vec, alpha=p.scale)
+                bias = vec if bias is None else bias + vec
+        return bias
+
+    def _forward_folded(
+        self, x: torch.Tensor, factors: list[list[torch.Tensor]]
+    ) -> torch.Tensor | None:
         """``y = x (W + Σ_c s_c drop(ΔW_c))ᵀ + b + Σ_c s_c b_c`` as one matmul, or None.
 
         For modules whose every contribution is materialised (the planned choice, or
@@ -153,17 +179,14 @@ class TensorAdapterLayer(nn.Module):
         forward and the input gradient each pass once over the activations instead of twice.
         Not taken with input or rank dropout (they need ``x`` or the rank activations apart).
         """
-        w = self.weight_out_in()
-        if w.requires_grad or x.dtype != w.dtype or self.input_dropout is not None:
+        if self.input_dropout is not None:
             return None
         n = x.numel() // x.shape[-1]
-        factors = []
-        for p in self.programs:
-            f = p.operands()
-            if f[0].dtype != w.dtype or p.rank_dropout() or not p.materialises(n, f):
+        for p, f in zip(self.programs, factors):
+            if p.rank_dropout() or not p.materialises(n, f):
                 return None
-            factors.append(f)
-        weight, bias = w, self.bias
+        w = self.weight_out_in()
+        weight = w
         for p, f in zip(self.programs, factors):
             d = p.delta(f)
             if p.drops_delta():
@@ -171,31 +194,22 @@ class TensorAdapterLayer(nn.Module):
             if p.serial:
                 d = w.index_select(0, p._rows) @ d
             weight = p.add_weight_rows(weight, d, p.scale)
-            vec = p.bias_vector()
-            if vec is not None:
-                vec = vec.new_zeros(w.shape[0]).index_add(0, p._rows, vec, alpha=p.scale)
-                bias = vec if bias is None else bias + vec
-        return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, self._shared_bias())
 
-    def _forward_low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _forward_low_rank(
+        self, x: torch.Tensor, factors: list[list[torch.Tensor]]
+    ) -> torch.Tensor | None:
         """Every contribution as ``x Aᵀ Bᵀ`` in one :class:`LowRankLinear` call, or None."""
-        w = self.weight_out_in()
-        if w.requires_grad or x.dtype != w.dtype:
-            return None
         n = x.numel() // x.shape[-1]
-        factors = []
-        for p in self.programs:
-            f = p.operands()
-            if f[0].dtype != w.dtype or not p.fast_path(n, f):
-                return None
-            factors.append(f)
+        if not all(p.fast_path(n, f) for p, f in zip(self.programs, factors)):
+            return None
+        w = self.weight_out_in()
         drop = {p.rank_dropout() for p in self.programs}
         chunks = {p.chunks for p in self.programs}
         if len(drop) > 1 or len(chunks) > 1 or (len(self.programs) > 1 and chunks != {1}):
             return None
         rows = w.shape[0]
         a_parts, b_parts = [], []
-        bias = self.bias
         for p, f in zip(self.programs, factors):
             a, b = p.low_rank(f)
             if p.serial:
@@ -205,17 +219,13 @@ class TensorAdapterLayer(nn.Module):
                 b = b.new_zeros(rows, b.shape[1]).index_add(0, p._rows, b)
             a_parts.append(a)
             b_parts.append(b)
-            vec = p.bias_vector()
-            if vec is not None:
-                vec = vec.new_zeros(rows).index_add(0, p._rows, vec, alpha=p.scale)
-                bias = vec if bias is None else bias + vec
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
         b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)
         x2d = x.reshape(n, x.shape[-1])
         xa = None
         if self.input_dropout is not None and self.input_dropout.training:
             xa = self.input_dropout(x2d)
-        out = LowRankLinear.apply(x2d, xa, w, bias, a, b, drop.pop(), chunks.pop())
+        out = LowRankLinear.apply(x2d, xa, w, self._shared_bias(), a, b, drop.pop(), chunks.pop())
         return out.view(*x.shape[:-1], rows)
 
     def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
