@@ -14,68 +14,11 @@ import torch
 from torch import nn
 
 from .errors import AdapterStateError
+from .low_rank import LowRankLinear
 from .program import ContributionProgram
 from .targets import is_conv1d
 
 __all__ = ["AdapterState", "TensorAdapterLayer", "LowRankLinear"]
-
-
-class LowRankLinear(torch.autograd.Function):
-    """``y = x Wᵀ + b + drop(x' Aᵀ) Bᵀ`` with ``W`` frozen, writing its own backward.
-
-    ``x'`` is ``x`` (``xa=None``) or its dropped-out copy; ``drop`` is dropout with
-    probability ``p`` on the rank activations. The low-rank term is accumulated into the base
-    output in place (``addmm_``) and the backward makes one pass per product over the big
-    activations, with the input gradient of both branches accumulated into one buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, x, xa, w, b, a, bm, p, k):  # noqa: D102
-        out = torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
-        src = x if xa is None else xa
-        n = src.shape[0]
-        h = (src.reshape(n * k, -1) @ a.t()).view(n, -1) if k > 1 else src @ a.t()
-        mask = None
-        if p > 0.0:
-            h, mask = torch.native_dropout(h, p, True)
-        out.addmm_(h, bm.t())
-        if ctx.needs_input_grad[3]:
-            # the bias gradient rides on the B gradient: gyᵀ [h | 1] in one pass over gy
-            h = torch.cat([h, h.new_ones(n, 1)], dim=1)
-        ctx.has_xa, ctx.k, ctx.p = xa is not None, k, p
-        ctx.save_for_backward(src, w, a, bm, h, mask)
-        return out
-
-    @staticmethod
-    def backward(ctx, gy):  # noqa: D102
-        src, w, a, bm, h, mask = ctx.saved_tensors
-        need_x, need_xa, _, need_b, need_a, need_bm, _, _ = ctx.needs_input_grad
-        k, n = ctx.k, gy.shape[0]
-        gx = gxa = gb = ga = gbm = None
-        gh = None
-        if need_x or need_xa or need_a:
-            gh = gy @ bm
-            if mask is not None:
-                gh = torch.ops.aten.native_dropout_backward(gh, mask, 1.0 / (1.0 - ctx.p))
-            if k > 1:
-                gh = gh.reshape(n * k, -1)
-        if need_x:
-            gx = gy @ w
-            if not ctx.has_xa:
-                if k > 1:
-                    gx.view(n * k, -1).addmm_(gh, a)
-                else:
-                    gx.addmm_(gh, a)
-        if need_xa:
-            gxa = (gh @ a).view(n, -1)
-        if need_a:
-            ga = gh.t() @ src.reshape(gh.shape[0], -1)
-        if need_bm or need_b:
-            g = gy.t() @ h
-            if need_b:
-                g, gb = g[:, :-1], g[:, -1]
-            gbm = g if need_bm else None
-        return gx, gxa, None, gb, ga, gbm, None, None
 
 
 @dataclass

@@ -7,12 +7,17 @@ import torch
 from conftest import tiny_vit
 
 import tensadapt as ta
+from tensadapt import low_rank
 from tensadapt.layers import LowRankLinear
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("with_xa", [False, True])
-def test_low_rank_linear_gradcheck(k, with_xa):
+def test_low_rank_linear_gradcheck(k, with_xa, fold, monkeypatch):
+    """Both forms: folded (``x (W + B Ā)ᵀ``) and unfolded (``addmm_`` of the low-rank term)."""
+    if not fold:  # the form half-precision weights take
+        monkeypatch.setattr(low_rank, "FOLD_DTYPES", ())
     n, d_in, d_out, r = 5, 6, 4, 3
     x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
     xa = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True) if with_xa else None
@@ -116,3 +121,20 @@ def test_folded_path_matches_general_path_with_gradients(name, kw):
     torch.testing.assert_close(fold_out, slow_out, rtol=0, atol=1e-10)
     for key in fold_grads:
         torch.testing.assert_close(fold_grads[key], slow_grads[key], rtol=1e-9, atol=1e-10)
+
+
+def test_half_precision_weight_keeps_a_small_update():
+    """A bf16 weight is not folded: ``W + B A`` rounded to bf16 would lose a small update.
+
+    ``W x = 0`` exactly here (paired columns ``c, -c`` against paired equal inputs), so the
+    output is the update alone and any rounding of ``W + B A`` shows in full."""
+    torch.manual_seed(0)
+    c = torch.randint(1, 5, (16, 16)).float()
+    w = torch.stack([c, -c], dim=2).reshape(16, 32).bfloat16()
+    x = torch.randn(64, 16).repeat_interleave(2, dim=1).bfloat16()
+    a = torch.randn(4, 32).bfloat16()
+    bm = (1e-3 * torch.randn(16, 4)).bfloat16()
+    assert (x @ w.t()).abs().max() == 0
+    got = LowRankLinear.apply(x, None, w, None, a, bm, 0.0, 1).float()
+    want = (x.float() @ a.float().t()) @ bm.float().t()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * want.abs().max().item())
