@@ -5,12 +5,12 @@ the update costs as few passes over the big activations as possible:
 
 * **folded** (float32/float64, no input or rank dropout): ``W' = W + B Ā`` is formed (an
   ``out × in`` product of rank ``R``, cheap next to a token-sized pass) and the forward is one
-  matmul ``y = x W'ᵀ + b``. In the backward one matmul ``gy [W' | B]`` gives the input gradient
-  and ``gh = gy B`` together; what remains is ``h = x Aᵀ`` (forward), ``gAᵀ = ghᵀ x`` and
+  matmul ``y = x W'ᵀ + b``. In the backward ``gy W'`` is the input gradient (with ``gh = gy B``
+  from the same matmul ``gy [W' | B]`` unless ``gy`` is narrower than ``x``); what remains is ``h = x Aᵀ`` (forward), ``gAᵀ = ghᵀ x`` and
   ``gB = gyᵀ h``: three thin passes per module in all.
 * **unfolded** (half precision, where ``W + B Ā`` would round the update away; input or rank
   dropout, where ``x' ≠ x`` or ``h`` is masked): the low-rank term is accumulated into the base
-  output in place (``addmm_``); the backward still gets ``gy W`` and ``gy B`` from one matmul.
+  output in place (``addmm_``) and ``gh A`` into the input gradient.
 
 ``Ā`` is ``A`` itself, or, with ``k`` input chunks, ``A`` applied to each chunk of ``x``
 (block-diagonal: ``h`` then has ``k·R`` columns, chunk-major). Shared biases ride on the ``B``
@@ -90,12 +90,14 @@ class LowRankLinear(torch.autograd.Function):
         gh = None
         if need_x:
             weight = folded_weight(w, a, bm, k) if ctx.fold else w
-            if need_gh:
+            if need_gh and w.shape[0] >= w.shape[1]:
+                # gy is not the narrower side: one matmul gives gy W' and gh = gy B; gx is copied out
+                # of the wider buffer (a strided gradient slows consumers, e.g. GELU backward)
                 both = gy @ _with_b(weight, bm)
-                gx, gh = both[:, :d_in], both[:, d_in:]
+                gx, gh = both[:, :d_in].contiguous(), both[:, d_in:]
             else:
                 gx = gy @ weight
-        elif need_gh:
+        if need_gh and gh is None:
             gh = gy @ bm
         if gh is not None:
             if mask is not None:
@@ -103,11 +105,7 @@ class LowRankLinear(torch.autograd.Function):
             if k > 1:
                 gh = gh.reshape(n * k, -1)
         if need_x and not ctx.fold and not ctx.has_xa:
-            if k > 1:
-                # gx is a column slice of a wider buffer: add chunk by chunk through a view
-                gx.unflatten(1, (k, -1)).add_((gh @ a).view(n, k, -1))
-            else:
-                gx.addmm_(gh, a)
+            (gx.view(n * k, -1) if k > 1 else gx).addmm_(gh, a)
         if need_xa:
             gxa = (gh @ a).view(n, -1)
         if need_a:

@@ -25,13 +25,14 @@ def test_quick_mode_on_tiny_models(speed, tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = speed.main(
         ["--tiny", "--repeats", "1", "--warmup", "1", "--no-memory", "--json", str(out)]
-        + ["--only", "peft_lora_attn", "ta_lora_attn", "ta_lora_all", "cara", "fact_tt"]
+        + ["--only", "peft_lora_attn", "ta_lora_attn", "ta_lora_all", "cara", "cara_reference"]
+        + ["fact_tt"]
     )
     text = capsys.readouterr().out
     assert "× limit" in text and "## targets" in text
     for fam in ("dinov2", "minilm"):
         timing = results["families"][fam]["timing"]
-        assert {"limit", "peft_lora_attn", "ta_lora_attn", "cara", "fact_tt"} <= set(timing)
+        assert {"limit", "peft_lora_attn", "ta_lora_attn", "cara", "cara_reference"} <= set(timing)
         assert all(t["median"] > 0 for t in timing.values())
         # no re-planning after the first step at a fixed shape
         assert all(t["plans"]["timed_built"] == 0 for t in timing.values())
