@@ -138,3 +138,21 @@ def test_half_precision_weight_keeps_a_small_update():
     got = LowRankLinear.apply(x, None, w, None, a, bm, 0.0, 1).float()
     want = (x.float() @ a.float().t()) @ bm.float().t()
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [7, 128, 130, 1024])
+def test_token_product_is_the_plain_product(n):
+    u = torch.randn(n, 5, dtype=torch.float64)
+    v = torch.randn(n, 11, dtype=torch.float64)
+    torch.testing.assert_close(low_rank.token_product(u, v), u.t() @ v, rtol=1e-12, atol=1e-12)
+    strided = torch.randn(n, 16, dtype=torch.float64)[:, 3:8]  # a column slice, as gh is
+    want = strided.t() @ v
+    torch.testing.assert_close(low_rank.token_product(strided, v), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_block_product_is_b_times_block_diagonal_a(k):
+    bm = torch.randn(4, k * 2, dtype=torch.float64)
+    a = torch.randn(2, 5, dtype=torch.float64)
+    want = bm @ torch.block_diag(*[a] * k)
+    torch.testing.assert_close(low_rank.block_product(bm, a, k), want, rtol=0, atol=1e-12)
