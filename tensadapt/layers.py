@@ -142,7 +142,7 @@ class TensorAdapterLayer(nn.Module):
     def _forward_low_rank(
         self, x: torch.Tensor, factors: list[list[torch.Tensor]]
     ) -> torch.Tensor | None:
-        """Every contribution as ``x Aᵀ Bᵀ`` in one :class:`LowRankLinear` call, or None."""
+        """Every contribution as ``x Āᵀ Mᵀ Bᵀ`` in one :class:`LowRankLinear` call, or None."""
         n = x.numel() // x.shape[-1]
         if not all(p.fast_path(n, f) for p, f in zip(self.programs, factors)):
             return None
@@ -152,9 +152,12 @@ class TensorAdapterLayer(nn.Module):
         if len(drop) > 1 or len(chunks) > 1 or (len(self.programs) > 1 and chunks != {1}):
             return None
         rows = w.shape[0]
-        a_parts, b_parts = [], []
+        a_parts, b_parts, mix = [], [], None
         for p, f in zip(self.programs, factors):
-            a, b = p.low_rank(f)
+            if len(self.programs) == 1:
+                a, b, mix = p.low_rank_mix(f)
+            else:
+                a, b = p.low_rank(f)
             if p.serial:
                 b = w.index_select(0, p._rows) @ b
             b = b * p.scale
@@ -168,7 +171,8 @@ class TensorAdapterLayer(nn.Module):
         xa = None
         if self.input_dropout is not None and self.input_dropout.training:
             xa = self.input_dropout(x2d)
-        out = LowRankLinear.apply(x2d, xa, w, self._shared_bias(), a, b, drop.pop(), chunks.pop())
+        bias = self._shared_bias()
+        out = LowRankLinear.apply(x2d, xa, w, bias, a, b, drop.pop(), chunks.pop(), mix)
         return out.view(*x.shape[:-1], rows)
 
     def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -3,28 +3,52 @@
 ``y = x Wᵀ + b + drop(x' Aᵀ) Bᵀ`` with ``W`` frozen (``B`` already scaled), written so that
 the update costs as few passes over the big activations as possible:
 
-* **folded** (float32/float64, no input or rank dropout): ``W' = W + B Ā`` is formed (an
-  ``out × in`` product of rank ``R``, cheap next to a token-sized pass) and the forward is one
-  matmul ``y = x W'ᵀ + b``. In the backward ``gy W'`` is the input gradient, with
-  ``gh = gy B`` from the same matmul ``gy [W' | B]`` unless ``gy`` is narrower than ``x``.
-  What remains is ``h = x Aᵀ`` (forward), ``gAᵀ = ghᵀ x`` and ``gB = gyᵀ h``: three thin
-  passes per module.
+* **folded** (float32/float64, no input or rank dropout): ``W' = W + B Ā`` is formed once a
+  step (an ``out × in`` product of rank ``R``, cheap next to a token-sized pass) and kept for
+  the backward; the forward is one matmul ``y = x W'ᵀ + b``. In the backward ``gy W'`` is
+  the input gradient, with ``gh = gy B`` from the same matmul ``gy [W' | B]`` unless ``gy``
+  is narrower than ``x``. What remains is ``h = x Aᵀ`` (forward), ``gAᵀ = ghᵀ x`` and
+  ``gB = gyᵀ h``: three thin passes per module.
 * **unfolded** (half precision, where ``W + B Ā`` would round the update away; input or rank
   dropout, where ``x' ≠ x`` or ``h`` is masked): the low-rank term is accumulated into the base
   output in place (``addmm_``) and ``gh A`` into the input gradient.
 
 ``Ā`` is ``A`` itself, or, with ``k`` input chunks, ``A`` applied to each chunk of ``x``
-(block-diagonal: ``h`` then has ``k·R`` columns, chunk-major). Shared biases ride on the ``B``
-gradient: ``gyᵀ [h | 1]``.
-"""
+(block-diagonal: ``h`` then has ``k·R`` columns, chunk-major). An optional mix ``M``
+(``R' × k·R``) sits between: ``ΔW = B M Ā``; unfolded, ``y`` and ``gy`` then meet rank-``R'``
+activations ``h Mᵀ`` instead of the ``k·R`` of ``h`` (FacT's fc2: ``R' = R``, ``k = 4``).
+Shared biases ride on the ``B`` gradient: ``gyᵀ [h | 1]``."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["LowRankLinear", "FOLD_DTYPES", "block_product", "folded_weight", "token_product"]
+__all__ = [
+    "LowRankLinear",
+    "FOLD_DTYPES",
+    "block_product",
+    "folded_weight",
+    "keep_mask",
+    "token_product",
+]
 
 FOLD_DTYPES = (torch.float32, torch.float64)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """Dropout's keep mask ``m ~ Bernoulli(1 - p)``, drawn as ``u ≥ round(p·2³¹)`` for ``u``
+    uniform on the integers ``[0, 2³¹)``: the law of ``nn.Dropout`` with ``p`` rounded to a
+    multiple of 2⁻³¹. Drawing 31-bit integers is 2-3× cheaper on CPU than ``bernoulli_``."""
+    if p >= 1.0:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    u = torch.empty(shape, dtype=torch.int32, device=device).random_()
+    return u >= round(p * 2**31)
+
+
+def rank_dropout(h: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m ⊙ h / (1 - p), m)``, in place on ``h`` (a fresh activation)."""
+    keep = keep_mask(tuple(h.shape), p, h.device)
+    return h.mul_(keep).mul_(1.0 / (1.0 - p)), keep
 
 
 def rank_activations(src: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,76 +89,89 @@ def token_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.bmm(u.reshape(blocks, m, -1).transpose(1, 2), v.reshape(blocks, m, -1)).sum(0)
 
 
-def _with_b(weight: torch.Tensor, bm: torch.Tensor) -> torch.Tensor:
-    """``[weight | B]``: ``(out, in + k·R)``, for ``gy [W | B]`` in one matmul."""
-    return torch.cat([weight, bm], dim=1)
-
-
 class LowRankLinear(torch.autograd.Function):
-    """``y = x Wᵀ + b + drop(x' Āᵀ) Bᵀ`` (``W`` frozen) with a hand-written backward.
+    """``y = x Wᵀ + b + drop(x' Āᵀ) Mᵀ Bᵀ`` (``W`` frozen) with a hand-written backward.
 
     Arguments: ``x`` (N, in); ``xa`` the input-dropped copy of ``x`` or None; ``w`` (out, in)
-    frozen; ``b`` (out,) or None; ``a`` (R, in / k); ``bm`` (out, k·R), scale included; ``p``
-    dropout probability on the rank activations; ``k`` input chunks.
+    frozen; ``b`` (out,) or None; ``a`` (R, in / k); ``bm`` (out, k·R), scale included, or
+    ``(out, R')`` with a mix; ``p`` dropout probability on the rank activations; ``k`` input
+    chunks; ``mix`` None (``M = I``) or ``M`` of shape ``(R', k·R)``: middle factors kept
+    apart from ``B`` when ``R' < k·R``, so the passes over ``y`` and ``gy`` have rank ``R'``.
     """
 
     @staticmethod
-    def forward(ctx, x, xa, w, b, a, bm, p, k):  # noqa: D102
+    def forward(ctx, x, xa, w, b, a, bm, p, k, mix=None):  # noqa: D102
         fold = xa is None and p == 0.0 and w.dtype in FOLD_DTYPES
         src = x if xa is None else xa
         n = x.shape[0]
+        w_fold = mask = None
+        h = rank_activations(src, a, k)
         if fold:
-            weight = folded_weight(w, a, bm, k)
+            b_eff = bm if mix is None else bm @ mix
+            weight = folded_weight(w, a, b_eff, k)
+            if ctx.needs_input_grad[0]:
+                w_fold = weight  # W' kept for the input gradient: formed once a step
             out = torch.addmm(b, x, weight.t()) if b is not None else x @ weight.t()
-            h = rank_activations(src, a, k)
-            mask = None
+            hb = h  # what the B gradient contracts gy with
         else:
             out = torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
-            h = rank_activations(src, a, k)
-            mask = None
             if p > 0.0:
-                h, mask = torch.native_dropout(h, p, True)
-            out.addmm_(h, bm.t())
+                h, mask = rank_dropout(h, p)
+            hb = h if mix is None else h @ mix.t()
+            out.addmm_(hb, bm.t())
         if ctx.needs_input_grad[3]:
-            # the bias gradient rides on the B gradient: gyᵀ [h | 1] in one pass over gy
-            h = torch.cat([h, h.new_ones(n, 1)], dim=1)
+            # the bias gradient rides on the B gradient: gyᵀ [hb | 1] in one pass over gy
+            hb = torch.cat([hb, hb.new_ones(n, 1)], dim=1)
         ctx.has_xa, ctx.k, ctx.p, ctx.fold = xa is not None, k, p, fold
-        ctx.save_for_backward(src, w, a, bm, h, mask)
+        h_mix = h if mix is not None and not fold else None  # for gM = ggᵀ h
+        ctx.save_for_backward(src, w, a, bm, h_mix, hb, mask, mix, w_fold)
         return out
 
     @staticmethod
     def backward(ctx, gy):  # noqa: D102
-        src, w, a, bm, h, mask = ctx.saved_tensors
-        need_x, need_xa, _, need_b, need_a, need_bm, _, _ = ctx.needs_input_grad
-        k, n, d_in = ctx.k, gy.shape[0], w.shape[1]
-        gx = gxa = gb = ga = gbm = None
-        need_gh = need_xa or need_a or (need_x and not ctx.fold)
-        gh = None
+        src, w, a, bm, h, hb, mask, mix, w_fold = ctx.saved_tensors
+        need_x, need_xa, _, need_b, need_a, need_bm, _, _, *rest = ctx.needs_input_grad
+        need_mix = bool(rest and rest[0])
+        k, n, d_in, fold = ctx.k, gy.shape[0], w.shape[1], ctx.fold
+        gx = gxa = gb = ga = gbm = gmix = None
+        need_gh = need_xa or need_a or (need_x and not fold)
+        # gg = gy B_eff, the B the forward multiplied by: (out, k·R) folded (B M), else
+        # (out, R') with a mix; then gh = gg M (unfolded with a mix) or gg
+        need_gg = need_gh or (need_mix and not fold)
+        b_eff = bm @ mix if fold and mix is not None else bm
+        gg = None
         if need_x:
-            weight = folded_weight(w, a, bm, k) if ctx.fold else w
-            if need_gh and w.shape[0] >= w.shape[1]:
-                # gy is not the narrower side: one matmul gives gy W' and gh = gy B; gx is
+            weight = w_fold if fold else w
+            if need_gg and w.shape[0] >= w.shape[1]:
+                # gy is not the narrower side: gy [W' | B] gives both in one matmul; gx is
                 # copied out of the wider buffer (a strided gradient slows e.g. GELU backward)
-                both = gy @ _with_b(weight, bm)
-                gx, gh = both[:, :d_in].contiguous(), both[:, d_in:]
+                both = gy @ torch.cat([weight, b_eff], dim=1)
+                gx, gg = both[:, :d_in].contiguous(), both[:, d_in:]
             else:
                 gx = gy @ weight
-        if need_gh and gh is None:
-            gh = gy @ bm
-        if gh is not None:
+        if need_gg and gg is None:
+            gg = gy @ b_eff
+        if need_gh:
+            gh = gg @ mix if mix is not None and not fold else gg
             if mask is not None:
-                gh = torch.ops.aten.native_dropout_backward(gh, mask, 1.0 / (1.0 - ctx.p))
+                gh = (gh * mask).mul_(1.0 / (1.0 - ctx.p))
             if k > 1:
                 gh = gh.reshape(n * k, -1)
-        if need_x and not ctx.fold and not ctx.has_xa:
-            (gx.view(n * k, -1) if k > 1 else gx).addmm_(gh, a)
-        if need_xa:
-            gxa = (gh @ a).view(n, -1)
-        if need_a:
-            ga = token_product(gh, src.reshape(gh.shape[0], -1))
-        if need_bm or need_b:
-            g = token_product(h, gy).t()  # (hᵀ gy)ᵀ: several times faster than gyᵀ h
+            if need_x and not fold and not ctx.has_xa:
+                (gx.view(n * k, -1) if k > 1 else gx).addmm_(gh, a)
+            if need_xa:
+                gxa = (gh @ a).view(n, -1)
+            if need_a:
+                ga = token_product(gh, src.reshape(gh.shape[0], -1))
+        if need_bm or need_b or need_mix:
+            g = token_product(hb, gy).t()  # (hbᵀ gy)ᵀ: several times faster than gyᵀ hb
             if need_b:
                 g, gb = g[:, :-1], g[:, -1]
-            gbm = g if need_bm else None
-        return gx, gxa, None, gb, ga, gbm, None, None
+            if mix is not None and fold:  # g is the gradient of B M
+                gbm = g @ mix.t() if need_bm else None
+                gmix = bm.t() @ g if need_mix else None
+            else:
+                gbm = g if need_bm else None
+                gmix = token_product(gg, h) if need_mix else None
+        grads = (gx, gxa, None, gb, ga, gbm, None, None, gmix)
+        return grads[: len(ctx.needs_input_grad)]

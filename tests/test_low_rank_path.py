@@ -14,36 +14,45 @@ from tensadapt.layers import LowRankLinear
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("with_xa", [False, True])
-def test_low_rank_linear_gradcheck(k, with_xa, fold, monkeypatch):
-    """Both forms: folded (``x (W + B Ā)ᵀ``) and unfolded (``addmm_`` of the low-rank term)."""
+@pytest.mark.parametrize("with_mix", [False, True])
+@pytest.mark.parametrize("need_x", [True, False])
+def test_low_rank_linear_gradcheck(k, with_xa, with_mix, need_x, fold, monkeypatch):
+    """Both forms: folded (``x (W + B M Ā)ᵀ``) and unfolded (``addmm_`` of the low-rank term),
+    with and without a mix ``M`` between the rank activations and ``B``."""
     if not fold:  # the form half-precision weights take
         monkeypatch.setattr(low_rank, "FOLD_DTYPES", ())
-    n, d_in, d_out, r = 5, 6, 4, 3
-    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    n, d_in, d_out, r, r2 = 5, 6, 4, 3, 2
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=need_x)
     xa = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True) if with_xa else None
     w = torch.randn(d_out, d_in, dtype=torch.float64)
     b = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
     a = torch.randn(r, d_in // k, dtype=torch.float64, requires_grad=True)
-    bm = torch.randn(d_out, k * r, dtype=torch.float64, requires_grad=True)
-    inputs = (x, xa, w, b, a, bm, 0.0, k)
+    mix = torch.randn(r2, k * r, dtype=torch.float64, requires_grad=True) if with_mix else None
+    bm = torch.randn(d_out, r2 if with_mix else k * r, dtype=torch.float64, requires_grad=True)
+    inputs = (x, xa, w, b, a, bm, 0.0, k, mix)
     assert torch.autograd.gradcheck(lambda *t: LowRankLinear.apply(*t), inputs)
 
 
-def test_low_rank_linear_rank_dropout_matches_autograd():
+@pytest.mark.parametrize("with_mix", [False, True])
+def test_low_rank_linear_rank_dropout_matches_autograd(with_mix):
     n, d_in, d_out, r, k, p = 7, 8, 5, 2, 2, 0.4
     x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
     w = torch.randn(d_out, d_in, dtype=torch.float64)
     a = torch.randn(r, d_in // k, dtype=torch.float64, requires_grad=True)
-    bm = torch.randn(d_out, k * r, dtype=torch.float64, requires_grad=True)
+    mix = torch.randn(3, k * r, dtype=torch.float64, requires_grad=True) if with_mix else None
+    bm = torch.randn(d_out, 3 if with_mix else k * r, dtype=torch.float64, requires_grad=True)
+    params = (x, a, bm) + ((mix,) if with_mix else ())
     torch.manual_seed(3)
-    got = LowRankLinear.apply(x, None, w, None, a, bm, p, k)
+    got = LowRankLinear.apply(x, None, w, None, a, bm, p, k, mix)
     g = torch.randn_like(got)
-    grads = torch.autograd.grad(got, (x, a, bm), g)
+    grads = torch.autograd.grad(got, params, g)
     torch.manual_seed(3)
     h = (x.reshape(n * k, -1) @ a.t()).view(n, -1)
-    want = x @ w.t() + torch.nn.functional.dropout(h, p, training=True) @ bm.t()
+    keep = low_rank.keep_mask(tuple(h.shape), p, h.device)
+    b_eff = bm if mix is None else bm @ mix
+    want = x @ w.t() + (h * keep / (1 - p)) @ b_eff.t()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    for mine, ref in zip(grads, torch.autograd.grad(want, (x, a, bm), g)):
+    for mine, ref in zip(grads, torch.autograd.grad(want, params, g)):
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
 
 
@@ -53,14 +62,18 @@ def test_low_rank_linear_rank_dropout_matches_autograd():
     + [("serial_lora", None), ("tenslora", None), ("lotr", None), ("metatt", None)],
 )
 def test_fast_path_matches_general_path_with_gradients(name, dropout):
-    """With rank dropout planned but inactive (eval), fc2's cut is per input chunk."""
+    """With rank dropout planned but inactive (eval), fc2's cut is per input chunk and its
+    output side is ``B' M`` (folded here as ``B = B' M``)."""
     torch.manual_seed(0)
     model = tiny_vit(dim=16, heads=2).double()
     kw = {} if dropout is None else {"dropout": dropout}
     cfg = ta.presets.get(name, rank=2, adapter_dtype="float64", **kw)
     am = ta.get_adapter_model(model, cfg).eval()
     if dropout:
-        assert any(p.chunks > 1 for l in am.adapted_layers.values() for p in l.programs)
+        chunked = [p for l in am.adapted_layers.values() for p in l.programs if p.chunks > 1]
+        assert chunked
+        # fc2's B (rank 4·R) splits into B' M with M from the core: rank R against the outputs
+        assert all(p.mix_eq is not None and p.mix_rank == 2 for p in chunked)
     with torch.no_grad():
         for p in am.tensor_adapters.parameters():
             p.normal_()
@@ -156,3 +169,51 @@ def test_block_product_is_b_times_block_diagonal_a(k):
     a = torch.randn(2, 5, dtype=torch.float64)
     want = bm @ torch.block_diag(*[a] * k)
     torch.testing.assert_close(low_rank.block_product(bm, a, k), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_law(p):
+    """Bernoulli(1 - p): the kept fraction within 5 σ, draws independent of each other
+    (neighbours agree as often as independence predicts), reproducible from the seed."""
+    torch.manual_seed(0)
+    m = low_rank.keep_mask((400, 250), p, torch.device("cpu"))
+    n = m.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(m.double().mean().item() - (1 - p)) < 5 * sigma
+    same = (m[:, 1:] == m[:, :-1]).double().mean().item()
+    want = p * p + (1 - p) * (1 - p)
+    assert abs(same - want) < 5 * (want * (1 - want) / n) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(m, low_rank.keep_mask((400, 250), p, torch.device("cpu")))
+    assert not low_rank.keep_mask((8, 8), 1.0, torch.device("cpu")).any()
+
+
+@pytest.mark.parametrize("name", ["fact_tk", "fact_tt"])
+def test_mixed_output_side_matches_full_b_under_rank_dropout(name):
+    """Training with rank dropout (unfolded): ``y += (h Mᵀ) B'ᵀ`` gives the outputs and
+    gradients of ``y += h (B' M)ᵀ`` under the same masks."""
+    torch.manual_seed(0)
+    model = tiny_vit(dim=16, heads=2).double()
+    cfg = ta.presets.get(name, rank=2, dropout=0.3, adapter_dtype="float64")
+    am = ta.get_adapter_model(model, cfg).train()
+    with torch.no_grad():
+        for p in am.tensor_adapters.parameters():
+            p.normal_()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def run():
+        torch.manual_seed(7)
+        am.zero_grad()
+        out = am(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
+
+    mixed_out, mixed_grads = run()
+    programs = [p for l in am.adapted_layers.values() for p in l.programs if p.mix_eq]
+    assert programs
+    for p in programs:
+        p.mix_eq = None
+    full_out, full_grads = run()
+    torch.testing.assert_close(mixed_out, full_out, rtol=0, atol=1e-10)
+    for key in full_grads:
+        torch.testing.assert_close(mixed_grads[key], full_grads[key], rtol=1e-9, atol=1e-10)
