@@ -8,7 +8,7 @@ module's input). The frozen module stays at ``.base_layer``; GPT-2 ``Conv1D`` (w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from .errors import AdapterStateError
 from .low_rank import LowRankLinear
 from .program import ContributionProgram
+from .step_cache import StepCache
 from .targets import is_conv1d
 
 __all__ = ["AdapterState", "TensorAdapterLayer", "LowRankLinear"]
@@ -23,9 +24,11 @@ __all__ = ["AdapterState", "TensorAdapterLayer", "LowRankLinear"]
 
 @dataclass
 class AdapterState:
-    """State shared by every layer of one adapted model."""
+    """State shared by every layer of one adapted model: whether adapters are off, and the
+    factor products formed once per forward pass (cleared when the model's forward starts)."""
 
     disabled: bool = False
+    step_cache: StepCache = field(default_factory=StepCache)
 
 
 class TensorAdapterLayer(nn.Module):
@@ -155,9 +158,9 @@ class TensorAdapterLayer(nn.Module):
         a_parts, b_parts, mix = [], [], None
         for p, f in zip(self.programs, factors):
             if len(self.programs) == 1:
-                a, b, mix = p.low_rank_mix(f)
+                a, b, mix = p.low_rank_mix(f, self.state.step_cache)
             else:
-                a, b = p.low_rank(f)
+                a, b = p.low_rank(f, self.state.step_cache)
             if p.serial:
                 b = w.index_select(0, p._rows) @ b
             b = b * p.scale

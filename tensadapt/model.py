@@ -25,6 +25,7 @@ from .layers import AdapterState, TensorAdapterLayer
 from .layout import Layout
 from .program import ContributionProgram, RoleBias
 from .resolve import Resolution, as_config, resolve_targets
+from .step_cache import StepCache
 
 __all__ = ["TensorAdapterModel", "get_adapter_model"]
 
@@ -60,6 +61,14 @@ def _device_of(module: nn.Module) -> torch.device:
     return w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
 
 
+def _open_pass(cache: StepCache, _module: nn.Module, _args: Any) -> None:
+    cache.open()
+
+
+def _close_pass(cache: StepCache, _module: nn.Module, _args: Any, _out: Any) -> None:
+    cache.close()
+
+
 class TensorAdapterModel(nn.Module):
     """The adapted model: forward is the base model's, with adapters in its linear maps."""
 
@@ -85,6 +94,14 @@ class TensorAdapterModel(nn.Module):
         self.tensor_adapters = nn.ModuleDict()
         self._device = None if device is None else torch.device(device)
         self._build(resolution.layout)
+        # factor products shared across modules live for one forward pass of the model
+        cache = self._state.step_cache
+        self.__dict__["_pass_hooks"] = (
+            base_model.register_forward_pre_hook(functools.partial(_open_pass, cache)),
+            base_model.register_forward_hook(
+                functools.partial(_close_pass, cache), always_call=True
+            ),
+        )
         self._expose_base_signature()
         self.training = base_model.training
 
@@ -249,6 +266,8 @@ class TensorAdapterModel(nn.Module):
             parent = modules[parent_name] if parent_name else self.base_model
             setattr(parent, child, layer.base_layer)
         self.adapted_layers = {}
+        for hook in self._pass_hooks:
+            hook.remove()
         return self.base_model
 
     # ------------------------------------------------------------------ persistence

@@ -29,11 +29,13 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .batched_side import BatchedSide
 from .contraction import PLAN_CACHE, ContractionPlan, Symbols
 from .factorizations import FactorizedTensor
 from .layout import Contribution
 from .low_rank import keep_mask
 from .modes import mode_parts
+from .step_cache import StepCache
 
 __all__ = ["ContributionProgram", "RoleBias"]
 
@@ -231,7 +233,35 @@ class ContributionProgram(nn.Module):
         self._b_expand_pi = chunked and not b_has_pi
         self._b_expand_po = self.n_out > 1 and not b_has_po
         self.low_rank_ok = True
+        self._sides = {
+            "a": (self.a_eq, a_terms, self._a_view, a_out),
+            "b": (self.b_eq, b_terms, self._b_view, b_out),
+        }
         self._plan_mix(c, sizes)
+        self._plan_batches()
+
+    def _plan_batches(self) -> None:
+        """Each einsum side whose terms are sliced only by ``select`` / ``narrow`` can be
+        formed for all coordinates at once (:class:`BatchedSide`, once per forward pass)."""
+        tensor = self.__dict__["tensor"]
+        full = list(tensor.term_labels().values())
+        sizes: dict[str, int] = {}
+        for name, labels in zip(self._term_names, full):
+            sizes.update(zip(labels, getattr(tensor, name).shape))
+        self._batched: dict[str, BatchedSide] = {}
+        for side, (_eq, terms, view, out) in self._sides.items():
+            if view is not None or len(terms) < 2:
+                continue
+            try:
+                self._batched[side] = BatchedSide(
+                    [self._term_names[i] for i in terms],
+                    [full[i] for i in terms],
+                    [self._ops[i] for i in terms],
+                    sizes,
+                    out,
+                )
+            except ValueError:
+                continue
 
     def _plan_mix(self, c: Contribution, sizes: dict[str, int]) -> None:
         """With input chunks (``B`` of rank ``k·R``): split ``B`` into ``B' M``, ``B'`` from the
@@ -265,10 +295,21 @@ class ContributionProgram(nn.Module):
             self.b_out_eq, [self._labels[i] for i in out_terms], sizes
         )
         self._b_out_expand_po = self.n_out > 1 and PO not in out_set
+        self._sides["mix"] = (self.mix_eq, mix_terms, None, cut2 + [PI] + self._cut)
+        self._sides["b_out"] = (self.b_out_eq, out_terms, self._b_out_view, b_out)
 
     def _side(
-        self, equation: str, operands: list[torch.Tensor], view: tuple | None
+        self, side: str, factors: list[torch.Tensor], cache: StepCache | None
     ) -> torch.Tensor:
+        """One side of the cut (``a``, ``b``, ``mix``, ``b_out``) in its output label order:
+        this coordinate's block of the all-coordinates product when ``cache`` holds it."""
+        batched = self._batched.get(side) if cache is not None else None
+        if batched is not None:
+            block = batched.side(self.__dict__["tensor"], cache)
+            if block is not None:
+                return block
+        equation, terms, view, _out = self._sides[side]
+        operands = [factors[i] for i in terms]
         if view is not None:  # one term: a view (squeeze size-1 axes, permute), no einsum
             squeeze, perm = view
             t = operands[0]
@@ -277,12 +318,15 @@ class ContributionProgram(nn.Module):
             return torch.einsum(equation, operands[0])
         return self._plan(equation, operands)(*operands)
 
-    def low_rank(self, factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def low_rank(
+        self, factors: list[torch.Tensor], cache: StepCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` with ``ΔW_c x = B (A x)`` (unscaled). ``A`` is ``(R, module_in)`` in the
         layout of ``x``, or ``(R, in_chunk)`` applied to each of :attr:`chunks` input chunks;
-        ``B`` is ``(rows, chunks·R)`` in the order of :attr:`_rows` (serial: ``(in, ·)``)."""
-        a = self._side(self.a_eq, [factors[i] for i in self._a_terms], self._a_view)
-        b = self._side(self.b_eq, [factors[i] for i in self._b_terms], self._b_view)
+        ``B`` is ``(rows, chunks·R)`` in the order of :attr:`_rows` (serial: ``(in, ·)``).
+        With ``cache``, sides shared across coordinates are formed once per forward pass."""
+        a = self._side("a", factors, cache)
+        b = self._side("b", factors, cache)
         r, k = self.cut_size, self.chunks
         if self._a_expand:
             a = a.reshape(r, 1, self.in_chunk).expand(r, self.n_in, self.in_chunk)
@@ -294,17 +338,16 @@ class ContributionProgram(nn.Module):
         return a, b.reshape(-1, k * r)
 
     def low_rank_mix(
-        self, factors: list[torch.Tensor]
+        self, factors: list[torch.Tensor], cache: StepCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(A, B', M)`` with ``ΔW_c = B' M Ā`` (unscaled) when a mix is planned (``B'`` is
         ``(rows, R')``, ``M`` is ``(R', chunks·R)``), else ``(A, B, None)`` as :meth:`low_rank`."""
         if self.mix_eq is None:
-            a, b = self.low_rank(factors)
+            a, b = self.low_rank(factors, cache)
             return a, b, None
-        a = self._side(self.a_eq, [factors[i] for i in self._a_terms], self._a_view)
-        a = a.reshape(self.cut_size, -1)
-        mix = self._side(self.mix_eq, [factors[i] for i in self._mix_terms], None)
-        b = self._side(self.b_out_eq, [factors[i] for i in self._out_terms], self._b_out_view)
+        a = self._side("a", factors, cache).reshape(self.cut_size, -1)
+        mix = self._side("mix", factors, cache)
+        b = self._side("b_out", factors, cache)
         r2 = self.mix_rank
         if self._b_out_expand_po:
             b = b.reshape(1, -1, r2).expand(self.n_out, -1, r2)

@@ -1,0 +1,94 @@
+"""One side of a low-rank cut (``A``, ``B`` or a mix), formed for every coordinate at once.
+
+A side ``S = einsum(T_1[c], …, T_m[c])`` whose terms are sliced at a structural coordinate
+``c`` (``select`` of an index, ``narrow`` to a block of a fused axis) is the block ``c`` of
+``S_all = einsum(T_1, …, T_m)`` over the unsliced factors. :class:`BatchedSide` plans
+``S_all`` with the sliced labels kept in front, split into blocks ``(Π_L |L| / n_L, n_L…)``
+(``n_L`` the narrow length, 1 for a select), and the permutation that returns a block to the
+side's own label order. :class:`~tensadapt.step_cache.StepCache` forms it once per forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .contraction import PLAN_CACHE, Symbols
+from .step_cache import StepCache
+
+__all__ = ["BatchedSide"]
+
+
+class BatchedSide:
+    """The plan of one side over unsliced factors, and this side's block coordinates."""
+
+    def __init__(
+        self,
+        term_names: Sequence[str],
+        full_labels: Sequence[tuple[str, ...]],
+        ops: Sequence[Sequence[tuple]],
+        sizes: dict[str, int],
+        out_labels: Sequence[str],
+    ) -> None:
+        batch: dict[str, tuple[str, int, int, tuple[str, ...]]] = {}
+        for term_ops in ops:
+            for op in term_ops:
+                if op[0] == "select":
+                    spec = (op[0], op[2], 1, ())
+                elif op[0] == "narrow" and len(op[4]) == 1:
+                    spec = (op[0], op[2], op[3], tuple(op[4]))
+                else:
+                    raise ValueError(f"op {op[0]!r} does not batch")
+                if batch.setdefault(op[1], spec) != spec:
+                    raise ValueError(f"label {op[1]!r} sliced two ways")
+        if not batch:
+            raise ValueError("no sliced term")
+        new_labels = [l for spec in batch.values() for l in spec[3]]
+        rest = [l for l in out_labels if l not in new_labels]
+        self.blocks_shape: list[int] = []
+        coords: list[int] = []
+        for label, (_, start, n, _new) in batch.items():
+            size = sizes[label]
+            if size % n or start % n:
+                raise ValueError(f"{label!r}: block {start}+{n} does not tile {size}")
+            self.blocks_shape.append(size // n)
+            coords.append(start // n)
+        self.block_lengths = [spec[2] for spec in batch.values()]
+        self.index = int(
+            sum(c * math.prod(self.blocks_shape[i + 1 :]) for i, c in enumerate(coords))
+        )
+        sym = Symbols()
+        self.equation = f"{','.join(sym(l) for l in full_labels)}->{sym(list(batch) + rest)}"
+        self.term_names = tuple(term_names)
+        # a block holds (n_L for each narrowed label…, rest…); selects are squeezed away
+        kept = [l for spec in batch.values() for l in spec[3]] + rest
+        self.squeeze = tuple(i for i, spec in enumerate(batch.values()) if spec[0] == "select")
+        self.perm = tuple(kept.index(l) for l in out_labels)
+        self.n_batch = len(batch)
+        self.key = (self.equation, self.term_names, tuple(self.blocks_shape))
+        self.key += (tuple(self.block_lengths),)
+
+    def _build(self, terms: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        shapes = tuple(tuple(t.shape) for t in terms)
+        full = PLAN_CACHE.get(self.equation, shapes, terms[0].dtype)(*terms)
+        rest = full.shape[self.n_batch :]
+        split = [d for nb, n in zip(self.blocks_shape, self.block_lengths) for d in (nb, n)]
+        k = self.n_batch
+        order = [2 * i for i in range(k)] + [2 * i + 1 for i in range(k)]
+        order += list(range(2 * k, 2 * k + len(rest)))
+        blocks = full.reshape(*split, *rest).permute(order)
+        blocks = blocks.reshape(-1, *blocks.shape[k:])
+        return full, blocks.unbind(0)
+
+    def side(self, tensor: torch.nn.Module, cache: StepCache) -> torch.Tensor | None:
+        """This coordinate's block in the side's label order; None inside a backward."""
+        terms = [getattr(tensor, name) for name in self.term_names]
+        blocks = cache.get((id(tensor), *self.key), terms, lambda: self._build(terms))
+        if blocks is None:
+            return None
+        block = blocks[self.index]
+        if self.squeeze:
+            block = block.squeeze(self.squeeze)
+        return block.permute(self.perm)
