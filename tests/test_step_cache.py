@@ -138,21 +138,11 @@ def test_cache_lives_for_one_forward_pass(monkeypatch):
 def test_hf_gradient_checkpointing_matches(reentrant):
     """HF's own ``gradient_checkpointing_enable`` (each flavour) gives the gradients of the
     model without checkpointing."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        num_labels=2,
-    )
-    ids = torch.randint(0, 100, (2, 7))
+    from families import make
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(config).double().train()
+        model, inputs, logits = make("hf_bert")
+        model.double().train()
         if checkpointing:
             kwargs = None if reentrant is None else {"use_reentrant": reentrant}
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -161,7 +151,7 @@ def test_hf_gradient_checkpointing_matches(reentrant):
         with torch.no_grad():
             for p in am.tensor_adapters.parameters():
                 p.normal_()
-        am(input_ids=ids).logits.square().sum().backward()
+        logits(am(**inputs)).square().sum().backward()
         return {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
 
     want = grads(False)
