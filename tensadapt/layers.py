@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterStateError
-from .low_rank import LowRankLinear
+from .low_rank import FOLD_DTYPES, LowRankLinear, merge_mix
 from .program import ContributionProgram
 from .step_cache import StepCache
 from .targets import is_conv1d
@@ -175,7 +175,10 @@ class TensorAdapterLayer(nn.Module):
         if self.input_dropout is not None and self.input_dropout.training:
             xa = self.input_dropout(x2d)
         bias = self._shared_bias()
-        out = LowRankLinear.apply(x2d, xa, w, bias, a, b, drop.pop(), chunks.pop(), mix)
+        p_drop, k = drop.pop(), chunks.pop()
+        if mix is not None and xa is None and p_drop == 0.0 and w.dtype in FOLD_DTYPES:
+            a, mix, k = merge_mix(a, mix, k, tuple(w.shape))
+        out = LowRankLinear.apply(x2d, xa, w, bias, a, b, p_drop, k, mix)
         return out.view(*x.shape[:-1], rows)
 
     def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

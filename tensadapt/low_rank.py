@@ -31,6 +31,7 @@ __all__ = [
     "block_product",
     "folded_weight",
     "keep_mask",
+    "merge_mix",
     "token_product",
 ]
 
@@ -68,6 +69,25 @@ def block_product(bm: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
     out = bm.shape[0]
     blocks = bm.view(out, k, -1).transpose(0, 1) @ a  # (k, out, in_chunk)
     return blocks.transpose(0, 1).reshape(out, -1)
+
+
+def merge_mix(
+    a: torch.Tensor, mix: torch.Tensor, k: int, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """``(A', None, 1)`` with ``A' = M Ā`` (``R' × in``) when that is no dearer, else
+    ``(a, mix, k)`` unchanged.
+
+    For a folded update (no rank dropout to keep ``h`` apart) ``ΔW = B M Ā = B A'``, so the
+    map runs as a plain rank-``R'`` one: ``h = x A'ᵀ`` and the passes over ``gy`` have rank
+    ``R'`` instead of ``k·R``. Per token, the passes cost ``R'·(in + out)`` instead of
+    ``R·in + k·R·out``; ``shape`` is ``(out, in)``. ``M Ā`` is ``R' × in``, formed by autograd
+    ops, which carry its gradient back to ``M`` and ``A``.
+    """
+    out, d_in = shape
+    r_mix, kr = mix.shape
+    if r_mix * (d_in + out) > (kr // k) * d_in + kr * out:
+        return a, mix, k
+    return block_product(mix, a, k), None, 1
 
 
 def folded_weight(w: torch.Tensor, a: torch.Tensor, bm: torch.Tensor, k: int) -> torch.Tensor:

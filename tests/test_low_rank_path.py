@@ -217,3 +217,59 @@ def test_mixed_output_side_matches_full_b_under_rank_dropout(name):
     torch.testing.assert_close(mixed_out, full_out, rtol=0, atol=1e-10)
     for key in full_grads:
         torch.testing.assert_close(mixed_grads[key], full_grads[key], rtol=1e-9, atol=1e-10)
+
+
+def test_merge_mix_is_m_times_block_diagonal_a():
+    """``M Ā`` against the dense block-diagonal ``Ā``; kept apart when the merge costs more."""
+    torch.manual_seed(0)
+    k, r, r_mix, chunk, out = 3, 4, 2, 5, 7
+    a = torch.randn(r, chunk, dtype=torch.float64)
+    mix = torch.randn(r_mix, k * r, dtype=torch.float64)
+    merged, no_mix, one = low_rank.merge_mix(a, mix, k, (out, k * chunk))
+    assert no_mix is None and one == 1
+    torch.testing.assert_close(merged, mix @ torch.block_diag(*[a] * k), rtol=0, atol=1e-14)
+    # R' = 12 on a wide input and narrow output: R'(in + out) > R·in + k·R·out, kept apart
+    wide = torch.randn(12, k * r, dtype=torch.float64)
+    kept = low_rank.merge_mix(a, wide, k, (1, k * chunk))
+    assert kept[0] is a and kept[1] is wide and kept[2] == k
+
+
+@pytest.mark.parametrize("name", ["fact_tk", "fact_tt"])
+def test_folded_chunked_cut_runs_as_one_rank_r_map(name, monkeypatch):
+    """Folded (no rank dropout active), fc2's per-slice cut ``B' M Ā`` runs as ``B' (M Ā)``:
+    one ``LowRankLinear`` call with ``k = 1``, rank ``R'`` and no mix, with the outputs and
+    gradients of the general path."""
+    torch.manual_seed(0)
+    model = tiny_vit(dim=16, heads=2).double()
+    cfg = ta.presets.get(name, rank=2, dropout=0.5, adapter_dtype="float64")
+    am = ta.get_adapter_model(model, cfg).eval()
+    chunked = [p for l in am.adapted_layers.values() for p in l.programs if p.chunks > 1]
+    assert chunked and all(p.mix_eq is not None for p in chunked)
+    with torch.no_grad():
+        for p in am.tensor_adapters.parameters():
+            p.normal_()
+    calls = []
+    apply = LowRankLinear.apply
+
+    def spy(x, xa, w, b, a, bm, p, k, mix=None):
+        calls.append((tuple(w.shape), a.shape[0], k, mix is None))
+        return apply(x, xa, w, b, a, bm, p, k, mix)
+
+    monkeypatch.setattr("tensadapt.layers.LowRankLinear.apply", spy)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def run():
+        am.zero_grad()
+        out = am(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
+
+    fast_out, fast_grads = run()
+    fc2 = [c for c in calls if c[0] == (16, 64)]
+    assert fc2 and all(c[1:] == (chunked[0].mix_rank, 1, True) for c in fc2)
+    for layer in am.adapted_layers.values():
+        layer.__dict__["_forward_low_rank"] = lambda *a: None  # force the general path
+    slow_out, slow_grads = run()
+    torch.testing.assert_close(fast_out, slow_out, rtol=0, atol=1e-10)
+    for key in fast_grads:
+        torch.testing.assert_close(fast_grads[key], slow_grads[key], rtol=1e-9, atol=1e-10)
