@@ -11,6 +11,30 @@ from tensadapt import low_rank
 from tensadapt.layers import LowRankLinear
 
 
+def assert_path_matches_general_path(am, path="_forward_low_rank", after=None):
+    """One forward and backward of ``am`` as it runs, then with ``path`` (a layer method
+    that returns None to decline) switched off: same output, same adapter gradients, under
+    the same random masks. ``after`` runs between the two."""
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def run():
+        am.zero_grad()
+        torch.manual_seed(7)
+        out = am(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
+
+    fast_out, fast_grads = run()
+    if after is not None:
+        after()
+    for layer in am.adapted_layers.values():
+        layer.__dict__[path] = lambda *a: None  # force the general path
+    slow_out, slow_grads = run()
+    torch.testing.assert_close(fast_out, slow_out, rtol=0, atol=1e-10)
+    for key in fast_grads:
+        torch.testing.assert_close(fast_grads[key], slow_grads[key], rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("with_xa", [False, True])
@@ -77,21 +101,7 @@ def test_fast_path_matches_general_path_with_gradients(name, dropout):
     with torch.no_grad():
         for p in am.tensor_adapters.parameters():
             p.normal_()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-
-    def run():
-        am.zero_grad()
-        out = am(x)
-        out.square().sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
-
-    fast_out, fast_grads = run()
-    for layer in am.adapted_layers.values():
-        layer.__dict__["_forward_low_rank"] = lambda *a: None  # force the general path
-    slow_out, slow_grads = run()
-    torch.testing.assert_close(fast_out, slow_out, rtol=0, atol=1e-10)
-    for key in fast_grads:
-        torch.testing.assert_close(fast_grads[key], slow_grads[key], rtol=1e-9, atol=1e-10)
+    assert_path_matches_general_path(am)
 
 
 @pytest.mark.parametrize(
@@ -113,27 +123,15 @@ def test_folded_path_matches_general_path_with_gradients(name, kw):
     with torch.no_grad():
         for p in am.tensor_adapters.parameters():
             p.normal_()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     calls = []
-
-    def run():
-        am.zero_grad()
-        torch.manual_seed(7)  # the same DropConnect masks on both paths
-        out = am(x)
-        out.square().sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
-
     for layer in am.adapted_layers.values():
         folded = layer._forward_folded
         layer.__dict__["_forward_folded"] = lambda *a, f=folded: calls.append(1) or f(*a)
-    fold_out, fold_grads = run()
-    assert calls, "the folded path was not taken"
-    for layer in am.adapted_layers.values():
-        layer.__dict__["_forward_folded"] = lambda *a: None  # force the general path
-    slow_out, slow_grads = run()
-    torch.testing.assert_close(fold_out, slow_out, rtol=0, atol=1e-10)
-    for key in fold_grads:
-        torch.testing.assert_close(fold_grads[key], slow_grads[key], rtol=1e-9, atol=1e-10)
+
+    def taken():
+        assert calls, "the folded path was not taken"
+
+    assert_path_matches_general_path(am, "_forward_folded", after=taken)
 
 
 def test_half_precision_weight_keeps_a_small_update():
@@ -256,20 +254,9 @@ def test_folded_chunked_cut_runs_as_one_rank_r_map(name, monkeypatch):
         return apply(x, xa, w, b, a, bm, p, k, mix)
 
     monkeypatch.setattr("tensadapt.layers.LowRankLinear.apply", spy)
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
 
-    def run():
-        am.zero_grad()
-        out = am(x)
-        out.square().sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
+    def fc2_calls_are_rank_r():
+        fc2 = [c for c in calls if c[0] == (16, 64)]
+        assert fc2 and all(c[1:] == (chunked[0].mix_rank, 1, True) for c in fc2)
 
-    fast_out, fast_grads = run()
-    fc2 = [c for c in calls if c[0] == (16, 64)]
-    assert fc2 and all(c[1:] == (chunked[0].mix_rank, 1, True) for c in fc2)
-    for layer in am.adapted_layers.values():
-        layer.__dict__["_forward_low_rank"] = lambda *a: None  # force the general path
-    slow_out, slow_grads = run()
-    torch.testing.assert_close(fast_out, slow_out, rtol=0, atol=1e-10)
-    for key in fast_grads:
-        torch.testing.assert_close(fast_grads[key], slow_grads[key], rtol=1e-9, atol=1e-10)
+    assert_path_matches_general_path(am, after=fc2_calls_are_rank_r)
