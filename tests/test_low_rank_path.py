@@ -260,3 +260,23 @@ def test_folded_chunked_cut_runs_as_one_rank_r_map(name, monkeypatch):
         assert fc2 and all(c[1:] == (chunked[0].mix_rank, 1, True) for c in fc2)
 
     assert_path_matches_general_path(am, after=fc2_calls_are_rank_r)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_column_major_a_gives_the_row_major_result(p):
+    """Factor products arrive as ``A = Pᵀ`` views (column-major); the function copies ``A``
+    to row-major for speed, with the same output and the gradient in ``A``'s own shape."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    w, bm = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    p_in = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(40, 5, dtype=torch.float64)
+    results = []
+    for a_of in (lambda q: q.t(), lambda q: q.t().contiguous()):
+        torch.manual_seed(3)
+        out = LowRankLinear.apply(x, None, w, None, a_of(p_in), bm, p, 1)
+        (grad,) = torch.autograd.grad(out, p_in, g)
+        results.append((out, grad))
+    assert not p_in.t().is_contiguous()
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
