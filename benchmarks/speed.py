@@ -11,10 +11,11 @@ same backbone with a trainable head. **limit** freezes everything but the head a
 embedding output require grad, so the backward pass runs through every block without any weight
 gradient: no adapter can be cheaper. Every configuration of a backbone lives in this one process
 and the repeats are interleaved: each timed step of a configuration follows a timed step of the
-limit, and the **paired** ratio is the median over repeats of (step ÷ the limit step just
-before it), which cancels the machine's slow changes of speed (a shared host). Medians, min-max
-and the ratio of minima (the least disturbed repeats) are reported too; ratios to PEFT LoRA
-(same targets and rank) divide the two paired ratios. Minor page faults per step are counted.
+limit and precedes another, and the **paired** ratio is the median over repeats of (step ÷
+the mean of the two limit steps around it), which cancels the machine's slow changes of speed
+(a shared host). Medians, min-max and the ratio of minima (the least disturbed repeats) are
+reported too; ratios to PEFT LoRA (same targets and rank) divide the two paired ratios. Minor
+page faults per step are counted.
 
 Peak memory is the RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
 minus the RSS after building the model, over a few training steps, measured in a separate
@@ -286,6 +287,11 @@ class Runner:
         return time.perf_counter() - t0
 
 
+def bracketed_ratio(t: float, t_before: float, t_after: float) -> float:
+    """``t ÷ mean(t_before, t_after)``: a step against the limit steps on either side."""
+    return 2.0 * t / (t_before + t_after)
+
+
 def time_configs(
     fam: Family, configs: list[Config], batch: int, warmup: int, repeats: int
 ) -> dict[str, dict[str, Any]]:
@@ -319,16 +325,20 @@ def time_configs(
         plans[key]["hits_per_step"] = after["hits"] - before["hits"]
         return t
 
-    # each step of a configuration is paired with a step of the limit run just before it: the
-    # ratio of the pair cancels the machine's slow drifts (other tenants of a shared host)
+    # limit, A, limit, B, ..., limit: each step of a configuration sits between two steps of
+    # the limit, and is divided by their mean, which cancels the machine's slow drifts (other
+    # tenants of a shared host) on both sides of the step
+    with_limit = "limit" in runners
+    t_before = timed("limit") if with_limit else None
     for _ in range(repeats):
         for key in runners:
             if key == "limit":
                 continue
-            t_limit = timed("limit") if "limit" in runners else None
             t = timed(key)
-            if t_limit is not None:
-                ratios[key].append(t / t_limit)
+            if with_limit:
+                t_after = timed("limit")
+                ratios[key].append(bracketed_ratio(t, t_before, t_after))
+                t_before = t_after
     ratios["limit"] = [1.0] * len(times.get("limit", []))
     return {
         k: {
@@ -475,11 +485,14 @@ def merged_inference(
     with torch.inference_mode():
         for m in models.values():
             m(**inputs)
+        t_before = timed("base")
         for _ in range(repeats):
             for k in models:
                 if k != "base":
-                    t_base = timed("base")
-                    ratios[k].append(timed(k) / t_base)
+                    t = timed(k)
+                    t_after = timed("base")
+                    ratios[k].append(bracketed_ratio(t, t_before, t_after))
+                    t_before = t_after
     ratios["base"] = [1.0]
     return {
         k: {
