@@ -134,12 +134,13 @@ class TensorAdapterLayer(nn.Module):
         w = self.weight_out_in()
         weight = w
         for p, f in zip(self.programs, factors):
-            d = p.delta(f)
+            d, scale = p.delta(f), p.scale
             if p.drops_delta():
-                d = p.drop_connect(d)
+                d, factor = p.drop_connect(d)
+                scale *= factor
             if p.serial:
                 d = w.index_select(0, p._rows) @ d
-            weight = p.add_weight_rows(weight, d, p.scale)
+            weight = p.add_weight_rows(weight, d, scale)
         return torch.nn.functional.linear(x, weight, self._shared_bias())
 
     def _forward_low_rank(

@@ -23,6 +23,8 @@ Shared biases ride on the ``B`` gradient: ``gyᵀ [h | 1]``."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "block_product",
     "folded_weight",
     "keep_mask",
+    "keep_scale",
     "merge_mix",
     "token_product",
 ]
@@ -38,20 +41,43 @@ __all__ = [
 FOLD_DTYPES = (torch.float32, torch.float64)
 
 
+KEEP_BITS = 16  # each keep decision reads 16 random bits: four per 64-bit draw
+
+
+def quantised_p(p: float) -> float:
+    """``p′ = round(p·2¹⁶) / 2¹⁶``: the drop probability :func:`keep_mask` realises
+    (``|p′ − p| ≤ 2⁻¹⁷``)."""
+    return round(p * 2**KEEP_BITS) / 2**KEEP_BITS
+
+
+def keep_scale(p: float) -> float:
+    """``1 / (1 − p′)``: the factor that makes ``E[m / (1 − p′)] = 1`` for the mask of
+    :func:`keep_mask` (0 when ``p′ = 1``, where every entry is dropped)."""
+    q = quantised_p(p)
+    return 0.0 if q >= 1.0 else 1.0 / (1.0 - q)
+
+
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """Dropout's keep mask ``m ~ Bernoulli(1 - p)``, drawn as ``u ≥ round(p·2³¹)`` for ``u``
-    uniform on the integers ``[0, 2³¹)``: the law of ``nn.Dropout`` with ``p`` rounded to a
-    multiple of 2⁻³¹. Drawing 31-bit integers is 2-3× cheaper on CPU than ``bernoulli_``."""
-    if p >= 1.0:
+    """Dropout's keep mask ``m ~ Bernoulli(1 − p′)``, ``p′`` from :func:`quantised_p`.
+
+    Each entry keeps when a uniform 16-bit integer ``u`` (signed, ``[−2¹⁵, 2¹⁵)``) satisfies
+    ``u + 2¹⁵ ≥ round(p·2¹⁶)``; four ``u`` are cut from each uniform 64-bit draw (the
+    generator's cost is per draw). On CPU that is 3× cheaper than one ``U(0, 1)`` float per
+    entry and 4-5× cheaper than ``bernoulli_``. Scale kept entries by :func:`keep_scale`, not
+    ``1 / (1 − p)``, for an unbiased mask."""
+    threshold = round(p * 2**KEEP_BITS)
+    if threshold >= 2**KEEP_BITS:
         return torch.zeros(shape, dtype=torch.bool, device=device)
-    u = torch.empty(shape, dtype=torch.int32, device=device).random_()
-    return u >= round(p * 2**31)
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None)  # every 64-bit pattern
+    return (words.view(torch.int16)[:numel] >= threshold - 2**15).view(shape)
 
 
 def rank_dropout(h: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m ⊙ h / (1 - p), m)``, in place on ``h`` (a fresh activation)."""
+    """``(m ⊙ h / (1 − p′), m)``, in place on ``h`` (a fresh activation)."""
     keep = keep_mask(tuple(h.shape), p, h.device)
-    return h.mul_(keep).mul_(1.0 / (1.0 - p)), keep
+    return h.mul_(keep).mul_(keep_scale(p)), keep
 
 
 def rank_activations(src: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,7 +209,7 @@ class LowRankLinear(torch.autograd.Function):
         if need_gh:
             gh = gg @ mix if mix is not None and not fold else gg
             if mask is not None:
-                gh = (gh * mask).mul_(1.0 / (1.0 - ctx.p))
+                gh = torch.where(mask, gh, 0.0).mul_(keep_scale(ctx.p))
             if k > 1:
                 gh = gh.reshape(n * k, -1)
             if need_x and not fold and not ctx.has_xa:

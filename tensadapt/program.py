@@ -33,7 +33,7 @@ from .batched_side import BatchedSide
 from .contraction import PLAN_CACHE, ContractionPlan, Symbols
 from .factorizations import FactorizedTensor
 from .layout import Contribution
-from .low_rank import keep_mask
+from .low_rank import keep_mask, keep_scale
 from .modes import mode_parts
 from .step_cache import StepCache
 
@@ -365,14 +365,13 @@ class ContributionProgram(nn.Module):
         """Whether this call applies DropConnect to ``ΔW`` (``dropout_on="delta"``, training)."""
         return self.dropout is not None and self.training and self.dropout_on == "delta"
 
-    def drop_connect(self, delta: torch.Tensor) -> torch.Tensor:
-        """``ΔW ⊙ m / (1 - p)`` with ``m_ij ~ Bernoulli(1 - p)``: dropout on the update itself.
-
-        The same law as ``nn.Dropout``, with the mask drawn as ``U(0,1) ≥ p`` (a fraction of
-        the cost of ``native_dropout`` on CPU for a dense ``out × in`` mask)."""
+    def drop_connect(self, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(ΔW ⊙ m, 1 / (1 − p′))`` with ``m_ij ~ Bernoulli(1 − p′)``: dropout on the update
+        itself (:func:`~tensadapt.low_rank.keep_mask`'s law, ``p′`` within 2⁻¹⁷ of ``p``).
+        The caller folds the factor into its scale, so the dense update is passed over once."""
         p = self.dropout.p
-        mask = torch.rand_like(delta) >= p
-        return delta * mask.to(delta.dtype).mul_(1.0 / (1.0 - p))
+        keep = keep_mask(tuple(delta.shape), p, delta.device)
+        return torch.where(keep, delta, 0.0), keep_scale(p)
 
     def materialises(self, n_tokens: int, factors: list[torch.Tensor]) -> bool:
         """Whether this call forms ``ΔW`` (DropConnect in training, or the cheaper strategy)."""
@@ -506,14 +505,15 @@ class ContributionProgram(nn.Module):
         n = x2d.shape[0]
         dropping = self.dropout is not None and self.training
         if dropping and self.dropout_on == "delta":
-            return x2d @ self.drop_connect(self.delta(factors)).t()
+            masked, factor = self.drop_connect(self.delta(factors))
+            return x2d @ masked.mul_(factor).t()
         xv = x2d.reshape(n, *self.x_view)
         if dropping and self.dropout_on == "rank":
             first, rest = self._stage_terms
             ops1 = [xv] + [factors[i] for i in first]
             mid = self._plan(self.stage1_eq, ops1)(*ops1)
             q = self.dropout.p  # the low-rank path's mask law, so both paths agree
-            mid = mid * keep_mask(tuple(mid.shape), q, mid.device) * (1.0 / (1.0 - q))
+            mid = mid * keep_mask(tuple(mid.shape), q, mid.device) * keep_scale(q)
             ops2 = [mid] + [factors[i] for i in rest]
             y = self._plan(self.stage2_eq, ops2)(*ops2)
         elif self.use_contract(n, factors):

@@ -74,7 +74,7 @@ def test_low_rank_linear_rank_dropout_matches_autograd(with_mix):
     h = (x.reshape(n * k, -1) @ a.t()).view(n, -1)
     keep = low_rank.keep_mask(tuple(h.shape), p, h.device)
     b_eff = bm if mix is None else bm @ mix
-    want = x @ w.t() + (h * keep / (1 - p)) @ b_eff.t()
+    want = x @ w.t() + (h * keep * low_rank.keep_scale(p)) @ b_eff.t()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     for mine, ref in zip(grads, torch.autograd.grad(want, params, g)):
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
@@ -184,6 +184,27 @@ def test_keep_mask_law(p):
     torch.manual_seed(0)
     assert torch.equal(m, low_rank.keep_mask((400, 250), p, torch.device("cpu")))
     assert not low_rank.keep_mask((8, 8), 1.0, torch.device("cpu")).any()
+    assert low_rank.keep_mask((3, 5), 0.0, torch.device("cpu")).all()
+    # the realised p′ is within 2⁻¹⁷ of p and the scale is its unbiased one
+    q = low_rank.quantised_p(p)
+    assert abs(q - p) <= 2**-17 and q * 2**16 == int(q * 2**16)
+    assert low_rank.keep_scale(p) == 1 / (1 - q)
+    assert low_rank.keep_scale(1.0) == 0.0
+
+
+def test_keep_mask_slots_of_one_draw_are_independent():
+    """Four decisions share one 64-bit draw: each of the four positions keeps at the same
+    rate, and two positions agree as often as independence predicts."""
+    p = 0.5
+    torch.manual_seed(1)
+    m = low_rank.keep_mask((40_000, 4), p, torch.device("cpu")).double()
+    n = m.shape[0]
+    sigma = (p * (1 - p) / n) ** 0.5
+    for slot in range(4):
+        assert abs(m[:, slot].mean().item() - (1 - p)) < 5 * sigma
+    for i, j in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        same = (m[:, i] == m[:, j]).double().mean().item()
+        assert abs(same - 0.5) < 5 * (0.25 / n) ** 0.5
 
 
 @pytest.mark.parametrize("name", ["fact_tk", "fact_tt"])
