@@ -9,6 +9,7 @@ module's input). The frozen module stays at ``.base_layer``; GPT-2 ``Conv1D`` (w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +20,10 @@ from .program import ContributionProgram
 from .step_cache import StepCache
 from .targets import is_conv1d
 
-__all__ = ["AdapterState", "TensorAdapterLayer", "LowRankLinear"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .siblings import SiblingGroup
+
+__all__ = ["AdapterState", "TensorAdapterLayer", "LowRankLinear", "LowRankOperands"]
 
 
 @dataclass
@@ -29,6 +33,18 @@ class AdapterState:
 
     disabled: bool = False
     step_cache: StepCache = field(default_factory=StepCache)
+
+
+class LowRankOperands(NamedTuple):
+    """``y = x Wᵀ + bias + drop_p(x Āᵀ) Mᵀ Bᵀ``: ``a`` (R, in/k), ``b`` (out, R′) scaled and
+    placed on the module's rows, ``mix`` M (R′ × k·R) or None, ``k`` input chunks."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor | None
+    p: float
+    k: int
+    mix: torch.Tensor | None
 
 
 class TensorAdapterLayer(nn.Module):
@@ -48,6 +64,8 @@ class TensorAdapterLayer(nn.Module):
         self.module_name = name
         self.merged = False
         self.conv1d = is_conv1d(base_layer)
+        #: separate q/k/v modules that read this module's input, run as one map when they do
+        self.siblings: SiblingGroup | None = None
         self.input_dropout = next(
             (p.dropout for p in programs if p.dropout is not None and p.dropout_on == "input"),
             None,
@@ -84,6 +102,10 @@ class TensorAdapterLayer(nn.Module):
         if self.merged or self.state.disabled:
             return self.base_layer(x, *args, **kwargs)
         if not (args or kwargs):
+            if self.siblings is not None:
+                fused = self.siblings.forward(self, x)
+                if fused is not None:
+                    return fused
             factors = self._factors_for(x)
             if factors is not None:
                 fast = self._forward_low_rank(x, factors)
@@ -143,11 +165,11 @@ class TensorAdapterLayer(nn.Module):
             weight = p.add_weight_rows(weight, d, scale)
         return torch.nn.functional.linear(x, weight, self._shared_bias())
 
-    def _forward_low_rank(
-        self, x: torch.Tensor, factors: list[list[torch.Tensor]]
-    ) -> torch.Tensor | None:
-        """Every contribution as ``x Āᵀ Mᵀ Bᵀ`` in one :class:`LowRankLinear` call, or None."""
-        n = x.numel() // x.shape[-1]
+    def _low_rank_operands(
+        self, n: int, factors: list[list[torch.Tensor]]
+    ) -> LowRankOperands | None:
+        """The operands of ``x Āᵀ Mᵀ Bᵀ`` summed over the contributions, for ``n`` tokens,
+        or None when a contribution does not take the low-rank path."""
         if not all(p.fast_path(n, f) for p, f in zip(self.programs, factors)):
             return None
         w = self.weight_out_in()
@@ -171,16 +193,26 @@ class TensorAdapterLayer(nn.Module):
             b_parts.append(b)
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
         b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)
+        return LowRankOperands(a, b, self._shared_bias(), drop.pop(), chunks.pop(), mix)
+
+    def _forward_low_rank(
+        self, x: torch.Tensor, factors: list[list[torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """Every contribution as ``x Āᵀ Mᵀ Bᵀ`` in one :class:`LowRankLinear` call, or None."""
+        n = x.numel() // x.shape[-1]
+        op = self._low_rank_operands(n, factors)
+        if op is None:
+            return None
+        w = self.weight_out_in()
         x2d = x.reshape(n, x.shape[-1])
         xa = None
         if self.input_dropout is not None and self.input_dropout.training:
             xa = self.input_dropout(x2d)
-        bias = self._shared_bias()
-        p_drop, k = drop.pop(), chunks.pop()
-        if mix is not None and xa is None and p_drop == 0.0 and w.dtype in FOLD_DTYPES:
+        a, mix, k = op.a, op.mix, op.k
+        if mix is not None and xa is None and op.p == 0.0 and w.dtype in FOLD_DTYPES:
             a, mix, k = merge_mix(a, mix, k, tuple(w.shape))
-        out = LowRankLinear.apply(x2d, xa, w, bias, a, b, p_drop, k, mix)
-        return out.view(*x.shape[:-1], rows)
+        out = LowRankLinear.apply(x2d, xa, w, op.bias, a, op.b, op.p, k, mix)
+        return out.view(*x.shape[:-1], w.shape[0])
 
     def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)

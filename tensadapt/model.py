@@ -25,6 +25,7 @@ from .layers import AdapterState, TensorAdapterLayer
 from .layout import Layout
 from .program import ContributionProgram, RoleBias
 from .resolve import Resolution, as_config, resolve_targets
+from .siblings import sibling_groups
 from .step_cache import StepCache
 
 __all__ = ["TensorAdapterModel", "get_adapter_model"]
@@ -157,6 +158,9 @@ class TensorAdapterModel(nn.Module):
             layer.train(modules[name].training)  # adapter dropout follows the model's mode
             setattr(parent, child, layer)
             self.adapted_layers[name] = layer
+        for group in sibling_groups(self.adapted_layers):
+            for layer in group.members:
+                layer.siblings = group
 
     # ------------------------------------------------------------------ forward & access
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -19,6 +19,7 @@ identity, storage and version counter, and until a backward has gone through it.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ class StepCache:
 
     def __init__(self) -> None:
         self._entries: dict[Hashable, tuple[tuple, Blocks, list[bool]]] = {}
+        self._scratch: dict[Hashable, Any] = {}
         self._depth = 0
 
     def open(self) -> None:
@@ -57,6 +59,17 @@ class StepCache:
             self._depth = max(self._depth - 1, 0)
             if self._depth == 0:
                 self._entries.clear()
+                self._scratch.clear()
+
+    def _active(self) -> bool:
+        if self._depth == 0 or torch.compiler.is_compiling():
+            return False
+        return not (_in_backward() or _saving_through_hooks())
+
+    def scratch(self) -> dict[Hashable, Any] | None:
+        """A dict that lives for this forward pass (emptied when it ends), or None outside
+        the window in which :meth:`get` shares products (the caller then works alone)."""
+        return self._scratch if self._active() else None
 
     def get(
         self,
@@ -66,9 +79,7 @@ class StepCache:
     ) -> Blocks | None:
         """The blocks of ``build() -> (product, blocks)`` for the current sources, or None
         outside a forward pass of the model (the caller then forms its own slice)."""
-        if self._depth == 0 or torch.compiler.is_compiling():
-            return None
-        if _in_backward() or _saving_through_hooks():
+        if not self._active():
             return None
         stamp = (
             torch.is_grad_enabled(),
@@ -89,4 +100,4 @@ class StepCache:
         return StepCache()
 
     def __getstate__(self) -> dict:
-        return {"_entries": {}, "_depth": 0}
+        return {"_entries": {}, "_scratch": {}, "_depth": 0}

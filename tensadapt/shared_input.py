@@ -1,0 +1,95 @@
+"""Several frozen linear maps with low-rank updates that read one input, in one autograd node.
+
+``y_m = x (W_m + B_m A_m)ᵀ + b_m`` for ``m = 1…g`` (the folded form of
+:class:`~tensadapt.low_rank.LowRankLinear`: float32/float64, no dropout). Run as ``g`` separate
+nodes, each passes over ``x`` for ``h_m = x A_mᵀ`` and for ``gA_mᵀ = gh_mᵀ x``, and autograd
+adds the ``g`` input gradients. Here:
+
+* ``h = x [A_1; …; A_g]ᵀ`` is one pass over ``x`` (or ``x Aᵀ`` when every member has the
+  same ``A``: CaRA's q, k and v share their input-side factors);
+* ``gAᵀ = ghᵀ x`` is one pass, with ``gh = [gy_1 B_1 | … | gy_g B_g]`` (shared ``A``: the sum
+  ``Σ_m gy_m B_m``);
+* ``gx = Σ_m gy_m W'_m`` accumulates in place into one buffer (``addmm_``);
+* each ``y_m`` is its own contiguous output, and each ``gB_m = gy_mᵀ [h_m | 1]`` (the
+  shared bias's gradient on the ones column) reads only its own ``gy_m``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .low_rank import folded_weight, token_product
+
+__all__ = ["SharedInputLowRank"]
+
+
+class SharedInputLowRank(torch.autograd.Function):
+    """``(y_1, …, y_g)`` with ``y_m = x (W_m + B_m A_m)ᵀ + b_m``; ``W_m`` frozen.
+
+    Arguments: ``x`` (N, in); ``shared`` whether every ``A_m`` is the one passed first (only
+    ``A_1`` is then used); then ``g`` weights ``W_m`` (out_m, in), ``g`` biases (out_m,) or
+    None, ``g`` factors ``A_m`` (R, in) and ``g`` factors ``B_m`` (out_m, R), scale included.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shared, *tensors):  # noqa: D102
+        g = len(tensors) // 4
+        ws, biases, a_list, b_list = (tensors[i * g : (i + 1) * g] for i in range(4))
+        # x Aᵀ runs 1.8x slower against a column-major A
+        a_list = [a_list[0].contiguous()] * g if shared else [a.contiguous() for a in a_list]
+        a_all = a_list[0] if shared else torch.cat(a_list)
+        h = x @ a_all.t()
+        outs, w_folds = [], []
+        for m in range(g):
+            w_fold = folded_weight(ws[m], a_list[m], b_list[m], 1)
+            b = biases[m]
+            outs.append(torch.addmm(b, x, w_fold.t()) if b is not None else x @ w_fold.t())
+            w_folds.append(w_fold)
+        ctx.g, ctx.shared, ctx.rank = g, shared, a_list[0].shape[0]
+        ctx.save_for_backward(x, h, a_all, *w_folds, *b_list)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gys):  # noqa: D102
+        x, h, a_all, *rest = ctx.saved_tensors
+        g, shared, r = ctx.g, ctx.shared, ctx.rank
+        w_folds, b_list = rest[:g], rest[g:]
+        needs = ctx.needs_input_grad
+        need_x = needs[0]
+        need_bias = needs[2 + g : 2 + 2 * g]
+        need_a = any(needs[2 + 2 * g : 2 + 3 * g])
+        need_b = needs[2 + 3 * g : 2 + 4 * g]
+        n = x.shape[0]
+        gx = None
+        gh_parts: list[torch.Tensor | None] = []
+        g_bias: list[torch.Tensor | None] = [None] * g
+        g_b: list[torch.Tensor | None] = [None] * g
+        for m, gy in enumerate(gys):
+            if gy is None:  # an output that took no part in the loss
+                gh_parts.append(None)
+                continue
+            gy = gy.contiguous()
+            if need_x:
+                gx = gy @ w_folds[m] if gx is None else gx.addmm_(gy, w_folds[m])
+            if need_a:
+                # B transposed first: gy (N, out) times a thin (out, R) runs ~2x faster so
+                gh_parts.append(gy @ b_list[m].t().contiguous().t())
+            if need_b[m] or need_bias[m]:
+                h_m = h if shared else h[:, m * r : (m + 1) * r]
+                if need_bias[m]:
+                    h_m = torch.cat([h_m, h_m.new_ones(n, 1)], dim=1)
+                grad = token_product(h_m, gy).t()
+                if need_bias[m]:
+                    grad, g_bias[m] = grad[:, :-1], grad[:, -1]
+                g_b[m] = grad if need_b[m] else None
+        g_a: list[torch.Tensor | None] = [None] * g
+        if need_a and any(p is not None for p in gh_parts):
+            if shared:
+                gh = sum(p for p in gh_parts if p is not None)
+                g_a[0] = token_product(gh, x)
+            else:
+                gh = torch.cat([p if p is not None else x.new_zeros(n, r) for p in gh_parts], dim=1)
+                g_a = list(token_product(gh, x).split(r))
+        if not shared:
+            g_a = [ga if needs[2 + 2 * g + m] else None for m, ga in enumerate(g_a)]
+        return (gx, None, *([None] * g), *g_bias, *g_a, *g_b)
