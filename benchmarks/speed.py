@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         merged = None
         if not args.no_merged:
             merged_cfgs = [c for c in configs if c.key in ("ta_lora_all", "cara")]
-            merged_repeats = max(2 * repeats, 2 if args.tiny else 10)
+            merged_repeats = max(4 * repeats, 2 if args.tiny else 10)  # short steps: more pairs
             merged = merged_inference(fam, args.batch, merged_repeats, merged_cfgs)
         lines += report_family(fam, configs, timing, memory, merged)
         checks += targets_check(timing, memory, fkey)
