@@ -1,4 +1,5 @@
-"""Separate q, k, v maps of one attention run as one autograd node over their shared input.
+"""Separate q, k, v maps of one attention (or a gated MLP's gate and up) run as one autograd
+node over their shared input.
 
 BERT-style models keep ``query``, ``key`` and ``value`` as three linear modules that read the
 same hidden states. Run apart, each adapted module passes over ``x`` for its own
@@ -33,8 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SiblingGroup", "sibling_groups"]
 
-#: roles whose separate modules read one input (the attention's q, k and v)
-SIBLING_ROLES = frozenset({"q", "k", "v"})
+#: roles whose separate modules read one input: the attention's q, k and v, and a gated
+#: MLP's gate and up (grouped per parent module, so the two sets never mix)
+SIBLING_ROLES = frozenset({"q", "k", "v", "gate", "up"})
 
 
 class SiblingGroup:
@@ -116,8 +118,8 @@ def _same_view(t: torch.Tensor, u: torch.Tensor) -> bool:
 
 
 def sibling_groups(layers: dict[str, TensorAdapterLayer]) -> list[SiblingGroup]:
-    """Groups of separate q, k, v modules under one parent with one input width, each a
-    plain ``nn.Linear`` with a single role (a fused ``qkv`` module needs no group)."""
+    """Groups of separate q, k, v (or gate, up) modules under one parent with one input
+    width, each a plain ``nn.Linear`` with a single role (a fused ``qkv`` needs no group)."""
     by_parent: dict[tuple, list[TensorAdapterLayer]] = {}
     for name, layer in layers.items():
         roles = {r for p in layer.programs for r in p.contribution.roles}
