@@ -259,3 +259,41 @@ def test_in_place_change_between_members_runs_them_apart():
     xx = x.clone()
     want = am(xx, xx)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "preset,kw",
+    [("lora", {"rank": 8, "targets": ["q", "k", "v", "o"]}), ("cara", {"rank": 8, "dropout": 0.0})],
+)
+def test_real_minilm_fused_matches_apart(preset, kw, monkeypatch):
+    """The pretrained all-MiniLM-L6-v2 on Rotten Tomatoes sentences, float32: one fused node
+    per layer, and the loss and every gradient of the modules run apart."""
+    from tensadapt import assets
+
+    data = assets.rotten_tomatoes(n_train=8, n_test=8)
+    tok = assets.load_minilm_tokenizer()
+    batch = tok(list(data.x_train), padding=True, truncation=True, return_tensors="pt")
+    torch.manual_seed(0)
+    am = ta.get_adapter_model(assets.load_minilm_classifier(2), ta.presets.get(preset, **kw))
+    am.eval()  # no BERT dropout: the two runs see the same function
+    with torch.no_grad():
+        for p in am.tensor_adapters.parameters():
+            p.normal_(0, 0.02)
+
+    def step():
+        am.zero_grad()
+        logits = am(**batch).logits
+        nn.functional.cross_entropy(logits, data.y_train).backward()
+        return logits.detach(), {
+            n: p.grad.clone() for n, p in am.named_parameters() if p.grad is not None
+        }
+
+    step()
+    calls = _spy_calls(monkeypatch)
+    fused = step()
+    assert [c[1] for c in calls if c[0] == "shared"] == [preset == "cara"] * 6
+    _apart(am)
+    apart = step()
+    torch.testing.assert_close(fused[0], apart[0], rtol=1e-5, atol=1e-6)
+    for name, g in apart[1].items():
+        torch.testing.assert_close(fused[1][name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
