@@ -6,9 +6,11 @@ the update costs as few passes over the big activations as possible:
 * **folded** (float32/float64, no input or rank dropout): ``W' = W + B Ā`` is formed once a
   step (an ``out × in`` product of rank ``R``, cheap next to a token-sized pass) and kept for
   the backward; the forward is one matmul ``y = x W'ᵀ + b``. In the backward ``gy W'`` is
-  the input gradient, with ``gh = gy B`` from the same matmul ``gy [W' | B]`` unless ``gy``
-  is narrower than ``x``. What remains is ``h = x Aᵀ`` (forward), ``gAᵀ = ghᵀ x`` and
-  ``gB = gyᵀ h``: three thin passes per module.
+  the input gradient. What remains is ``h = x Aᵀ`` (forward), ``gh = gy B``, ``gAᵀ = ghᵀ x``
+  and ``gB = gyᵀ h``. With :mod:`tensadapt.native` (float32 on an AVX2 CPU) these are three
+  passes, each one read of an activation (``gh`` and ``gB`` share the read of ``gy``);
+  otherwise ``gh`` comes from the widened matmul ``gy [W' | B]`` unless ``gy`` is narrower
+  than ``x``, and the others run on BLAS.
 * **unfolded** (half precision, where ``W + B Ā`` would round the update away; input or rank
   dropout, where ``x' ≠ x`` or ``h`` is masked): the thin products come first, ``b + h Bᵀ``
   and ``gh A``, and the big ones accumulate into them in place (``addmm_``): a big matmul
@@ -26,6 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import native
 
 __all__ = [
     "LowRankLinear",
@@ -85,6 +89,8 @@ def rank_activations(src: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor
     n = src.shape[0]
     if k > 1:
         return (src.reshape(n * k, -1) @ a.t()).view(n, -1)
+    if native.usable(src):
+        return native.rows_times(src, a.t())
     return src @ a.t()
 
 
@@ -126,9 +132,12 @@ def folded_weight(w: torch.Tensor, a: torch.Tensor, bm: torch.Tensor, k: int) ->
 def token_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``uᵀ v`` for a thin ``u`` (N, R) and ``v`` (N, M): a reduction over the N tokens.
 
-    Run as a batched product over blocks of tokens, then a sum over the blocks: one BLAS call
-    with a small ``R`` and a long reduction ran 25-40 % slower on a 2-core CPU.
+    One read of ``v`` in native code where :func:`tensadapt.native.usable`; else a batched
+    product over blocks of tokens, then a sum over the blocks: one BLAS call with a small ``R``
+    and a long reduction ran 25-40 % slower on a 2-core CPU.
     """
+    if native.usable(u, v):
+        return native.cols_reduce(u, v)
     n = u.shape[0]
     blocks = next((c for c in (8, 4, 2) if n % c == 0 and n // c >= 64), 1)
     if blocks == 1:
@@ -193,9 +202,11 @@ class LowRankLinear(torch.autograd.Function):
         # (out, R') with a mix; then gh = gg M (unfolded with a mix) or gg
         need_gg = need_gh or (need_mix and not fold)
         b_eff = bm @ mix if fold and mix is not None else bm
-        gg = None
+        gg = g_hb = None
+        if need_gg and (need_bm or need_b or need_mix) and native.usable(gy, hb):
+            gg, g_hb = native.grad_pass(gy, b_eff, hb)  # gy B and hbᵀ gy in one read of gy
         if need_x and fold:
-            if need_gg and w.shape[0] >= w.shape[1]:
+            if gg is None and need_gg and w.shape[0] >= w.shape[1]:
                 # gy is not the narrower side: gy [W' | B] gives both in one matmul; gx is
                 # copied out of the wider buffer (a strided gradient slows e.g. GELU backward)
                 both = gy @ torch.cat([w_fold, b_eff], dim=1)
@@ -222,7 +233,8 @@ class LowRankLinear(torch.autograd.Function):
         if need_x and gx is None:
             gx = gy @ w
         if need_bm or need_b or need_mix:
-            g = token_product(hb, gy).t()  # (hbᵀ gy)ᵀ: several times faster than gyᵀ hb
+            # (hbᵀ gy)ᵀ: several times faster than gyᵀ hb
+            g = (g_hb if g_hb is not None else token_product(hb, gy)).t()
             if need_b:
                 g, gb = g[:, :-1], g[:, -1]
             if mix is not None and fold:  # g is the gradient of B M

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .low_rank import folded_weight, token_product
 
 __all__ = ["SharedInputLowRank"]
@@ -38,7 +39,7 @@ class SharedInputLowRank(torch.autograd.Function):
         # x Aᵀ runs 1.8x slower against a column-major A
         a_list = [a_list[0].contiguous()] * g if shared else [a.contiguous() for a in a_list]
         a_all = a_list[0] if shared else torch.cat(a_list)
-        h = x @ a_all.t()
+        h = native.rows_times(x, a_all.t()) if native.usable(x) else x @ a_all.t()
         outs, w_folds = [], []
         for m in range(g):
             w_fold = folded_weight(ws[m], a_list[m], b_list[m], 1)
@@ -71,14 +72,20 @@ class SharedInputLowRank(torch.autograd.Function):
             gy = gy.contiguous()
             if need_x:
                 gx = gy @ w_folds[m] if gx is None else gx.addmm_(gy, w_folds[m])
-            if need_a:
-                # B transposed first: gy (N, out) times a thin (out, R) runs ~2x faster so
-                gh_parts.append(gy @ b_list[m].t().contiguous().t())
+            gh_m = grad = None
             if need_b[m] or need_bias[m]:
                 h_m = h if shared else h[:, m * r : (m + 1) * r]
                 if need_bias[m]:
                     h_m = torch.cat([h_m, h_m.new_ones(n, 1)], dim=1)
-                grad = token_product(h_m, gy).t()
+                if need_a and native.usable(gy, h_m):  # gy B and h_mᵀ gy in one read of gy
+                    gh_m, grad = native.grad_pass(gy, b_list[m], h_m)
+                else:
+                    grad = token_product(h_m, gy)
+                grad = grad.t()
+            if need_a:
+                # B transposed first: gy (N, out) times a thin (out, R) runs ~2x faster so
+                gh_parts.append(gh_m if gh_m is not None else gy @ b_list[m].t().contiguous().t())
+            if grad is not None:
                 if need_bias[m]:
                     grad, g_bias[m] = grad[:, :-1], grad[:, -1]
                 g_b[m] = grad if need_b[m] else None

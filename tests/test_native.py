@@ -1,0 +1,260 @@
+"""Native thin passes (``tensadapt.native``) against dense float64 maths and the PyTorch path."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+import tensadapt as ta
+from tensadapt import native
+from tensadapt.layers import LowRankLinear
+from tensadapt.shared_input import SharedInputLowRank
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_native = pytest.mark.skipif(
+    not (X86 and HAS_CC), reason="native thin passes build only on x86-64 with a C compiler"
+)
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    """Switches the native passes off for the duration of a block: ``with native_off(): ...``"""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        state = native._state
+        native._state = "off"
+        try:
+            yield
+        finally:
+            native._state = state
+
+    return off
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+@needs_native
+def test_native_builds_and_loads_here():
+    """On an x86-64 machine with a compiler the library must build: a silent fallback here
+    would hide a broken build."""
+    if native.status() == "the CPU lacks AVX2 or FMA":
+        pytest.skip(native.status())
+    assert native.available(), native.status()
+
+
+@needs_native
+@pytest.mark.parametrize("n", [64, 67, 2083])
+@pytest.mark.parametrize("m", [8, 13, 384, 1537])
+@pytest.mark.parametrize("r", [1, 8, 9, 24, 33])
+def test_passes_equal_dense_products(n, m, r):
+    """``z P``, ``uᵀ z`` and the fused ``(gy B, hbᵀ gy)`` against float64 products, with
+    token counts and widths that leave row blocks, 8-wide strips and rank groups partial."""
+    if not native.available():
+        pytest.skip("native thin passes unavailable on this CPU")
+    g = torch.Generator().manual_seed(n * 1000 + m * 10 + r)
+    z = torch.randn(n, m, generator=g)
+    p = torch.randn(m, r, generator=g)
+    u = torch.randn(n, r + 1, generator=g)
+    zd, pd, ud = z.double(), p.double(), u.double()
+    assert _rel_err(native.rows_times(z, p), zd @ pd) < 1e-5
+    assert _rel_err(native.cols_reduce(u, z), ud.t() @ zd) < 1e-5
+    gh, gb = native.grad_pass(z, p, u)
+    assert gh.shape == (n, r) and gb.shape == (r + 1, m)
+    assert _rel_err(gh, zd @ pd) < 1e-5
+    assert _rel_err(gb, ud.t() @ zd) < 1e-5
+    # a transposed P (x Aᵀ with A stored (R, in)) packs to the same panels
+    a = torch.randn(r, m, generator=g)
+    assert _rel_err(native.rows_times(z, a.t()), zd @ a.double().t()) < 1e-5
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_count_does_not_change_the_result_beyond_rounding(threads):
+    if not native.available():
+        pytest.skip("native thin passes unavailable on this CPU")
+    z, u = torch.randn(1000, 200), torch.randn(1000, 9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.cols_reduce(u, z)
+    finally:
+        torch.set_num_threads(before)
+    assert _rel_err(got, u.double().t() @ z.double()) < 1e-5
+
+
+def test_usable_only_for_plain_contiguous_float32_token_matrices():
+    ok = native.available()
+    big = torch.randn(128, 16)
+    assert native.usable(big) == ok
+    assert not native.usable(big.double())
+    assert not native.usable(big.t())  # not contiguous
+    assert not native.usable(big[:, :8])  # a column slice
+    assert not native.usable(torch.randn(native.MIN_TOKENS - 1, 16))
+    assert not native.usable(torch.randn(2, 64, 16))  # not a matrix
+    assert not native.usable(big, big.double())  # every tensor must qualify
+
+
+def _run_in_subprocess(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_switched_off_by_environment():
+    res = _run_in_subprocess(
+        "from tensadapt import native; print(native.available())", TENSADAPT_NATIVE="0"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_failed_build_falls_back_to_pytorch(tmp_path):
+    """A compiler that fails leaves ``available()`` False and the low-rank path working."""
+    code = (
+        "import torch; from tensadapt import native, low_rank\n"
+        "x, a = torch.randn(200, 32), torch.randn(4, 32)\n"
+        "h = low_rank.rank_activations(x, a, 1)\n"
+        "assert torch.allclose(h, x @ a.t(), atol=1e-5)\n"
+        "print(native.available())"
+    )
+    res = _run_in_subprocess(code, CC="false", TENSADAPT_CACHE=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+
+
+@needs_native
+def test_build_is_cached_per_source(tmp_path):
+    code = "from tensadapt import native; print(native.available(), native._build())"
+    first = _run_in_subprocess(code, TENSADAPT_CACHE=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    libs = list(tmp_path.glob("thin_passes-*.so"))
+    assert len(libs) == 1 and str(libs[0]) in first.stdout
+    mtime = libs[0].stat().st_mtime_ns
+    again = _run_in_subprocess(code, TENSADAPT_CACHE=str(tmp_path))
+    assert again.returncode == 0 and libs[0].stat().st_mtime_ns == mtime
+
+
+@needs_native
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("with_mix", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_low_rank_linear_same_with_and_without_native(
+    fold, k, with_mix, with_bias, monkeypatch, native_off
+):
+    """Every input gradient of :class:`LowRankLinear` (float32, 96 tokens) with the native
+    passes equals the PyTorch path's to float32 rounding."""
+    if not native.available():
+        pytest.skip("native thin passes unavailable on this CPU")
+    from tensadapt import low_rank
+
+    if not fold:
+        monkeypatch.setattr(low_rank, "FOLD_DTYPES", ())
+    n, d_in, d_out, r, r2 = 96, 24, 40, 8, 5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, d_in, generator=g).requires_grad_()
+    w = torch.randn(d_out, d_in, generator=g)
+    b = torch.randn(d_out, generator=g).requires_grad_() if with_bias else None
+    a = torch.randn(r, d_in // k, generator=g).requires_grad_()
+    mix = torch.randn(r2, k * r, generator=g).requires_grad_() if with_mix else None
+    bm = torch.randn(d_out, r2 if with_mix else k * r, generator=g).requires_grad_()
+    gy = torch.randn(n, d_out, generator=g)
+    leaves = [t for t in (x, b, a, mix, bm) if t is not None]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = LowRankLinear.apply(x, None, w, b, a, bm, 0.0, k, mix)
+        out.backward(gy)
+        return out.detach(), [t.grad.clone() for t in leaves]
+
+    fast = run()
+    with native_off():
+        slow = run()
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast[1], slow[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_native_passes_are_used_in_a_float32_step(monkeypatch):
+    """A float32 CaRA step on a tiny ViT runs the native passes (h, the fused gy pass and the
+    A gradient), and its gradients equal the PyTorch path's."""
+    if not native.available():
+        pytest.skip("native thin passes unavailable on this CPU")
+    torch.manual_seed(0)
+    model = tiny_vit(dim=32, heads=4).train()
+    am = ta.get_adapter_model(model, ta.presets.get("cara", rank=8, dropout=0.0)).train()
+    with torch.no_grad():
+        for p in am.tensor_adapters.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(24, 3, 16, 16)  # 24 images x 5 tokens = 120 rows per map
+
+    calls: list[str] = []
+    for name in ("rows_times", "cols_reduce", "grad_pass"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+
+    def grads():
+        am.zero_grad()
+        am(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
+
+    fast = grads()
+    assert {"rows_times", "cols_reduce", "grad_pass"} <= set(calls)
+    state, native._state = native._state, "off"
+    try:
+        calls.clear()
+        slow = grads()
+    finally:
+        native._state = state
+    assert not calls
+    for key in fast:
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_input_node_same_with_and_without_native(shared, native_off):
+    if not native.available():
+        pytest.skip("native thin passes unavailable on this CPU")
+    n, d, r, outs = 80, 32, 8, (32, 16, 16)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, d, generator=g).requires_grad_()
+    ws = [torch.randn(o, d, generator=g) for o in outs]
+    biases = [torch.randn(o, generator=g).requires_grad_() for o in outs]
+    a_list = [torch.randn(r, d, generator=g).requires_grad_() for _ in outs]
+    b_list = [torch.randn(o, r, generator=g).requires_grad_() for o in outs]
+    gys = [torch.randn(n, o, generator=g) for o in outs]
+    used_a = a_list[:1] if shared else a_list
+    leaves = [x, *biases, *used_a, *b_list]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        ys = SharedInputLowRank.apply(x, shared, *ws, *biases, *a_list, *b_list)
+        torch.autograd.backward(ys, gys)
+        return [y.detach() for y in ys], [t.grad.clone() for t in leaves]
+
+    fast = run()
+    with native_off():
+        slow = run()
+    for got, want in zip(fast[0] + fast[1], slow[0] + slow[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
