@@ -89,7 +89,7 @@ def rank_activations(src: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor
     n = src.shape[0]
     if k > 1:
         return (src.reshape(n * k, -1) @ a.t()).view(n, -1)
-    if native.usable(src):
+    if native.usable(src, rank=a.shape[0]):
         return native.rows_times(src, a.t())
     return src @ a.t()
 
@@ -136,7 +136,7 @@ def token_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     product over blocks of tokens, then a sum over the blocks: one BLAS call with a small ``R``
     and a long reduction ran 25-40 % slower on a 2-core CPU.
     """
-    if native.usable(u, v):
+    if native.usable(u, v, rank=u.shape[1]):
         return native.cols_reduce(u, v)
     n = u.shape[0]
     blocks = next((c for c in (8, 4, 2) if n % c == 0 and n // c >= 64), 1)
@@ -203,7 +203,7 @@ class LowRankLinear(torch.autograd.Function):
         need_gg = need_gh or (need_mix and not fold)
         b_eff = bm @ mix if fold and mix is not None else bm
         gg = g_hb = None
-        if need_gg and (need_bm or need_b or need_mix) and native.usable(gy, hb):
+        if need_gg and (need_bm or need_b or need_mix) and native.usable(gy, hb, rank=hb.shape[1]):
             gg, g_hb = native.grad_pass(gy, b_eff, hb)  # gy B and hbᵀ gy in one read of gy
         if need_x and fold:
             if gg is None and need_gg and w.shape[0] >= w.shape[1]:

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("thin_passes.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS loses
+#: widest thin operand the passes take: from rank 16 on, BLAS is as fast or faster
+#: (2048 tokens, width 384 and 1536, ``docs/benchmarks.md``)
+MAX_RANK = 13
 
 _lib: ctypes.CDLL | None = None
 _state = "unloaded"  # "unloaded" | "ready" | "off"
@@ -113,10 +116,11 @@ def status() -> str:
     return _reason
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is a plain, contiguous float32 CPU tensor of at least
-    :data:`MIN_TOKENS` rows and the library is available (not while compiling a graph)."""
-    if _state == "off":
+def usable(*tensors: torch.Tensor, rank: int) -> bool:
+    """True when the thin operand's width ``rank`` is at most :data:`MAX_RANK`, every tensor
+    is a plain, contiguous float32 CPU matrix of at least :data:`MIN_TOKENS` rows, and the
+    library is available (not while compiling a graph)."""
+    if _state == "off" or rank > MAX_RANK:
         return False
     for t in tensors:
         if (
@@ -137,9 +141,9 @@ def pack(p: torch.Tensor) -> torch.Tensor:
     """``P`` (M, R) as ``(⌈R/8⌉, M, 8)``, zero padded: the layout the kernels read."""
     m, r = p.shape
     groups = (r + 7) // 8
-    out = p.new_zeros(m, groups * 8)
-    out[:, :r] = p
-    return out.view(m, groups, 8).transpose(0, 1).contiguous()
+    if r % 8:
+        p = torch.nn.functional.pad(p, (0, groups * 8 - r))
+    return p.reshape(m, groups, 8).transpose(0, 1).contiguous()
 
 
 def _threads() -> int:

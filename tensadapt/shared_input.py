@@ -39,7 +39,11 @@ class SharedInputLowRank(torch.autograd.Function):
         # x Aᵀ runs 1.8x slower against a column-major A
         a_list = [a_list[0].contiguous()] * g if shared else [a.contiguous() for a in a_list]
         a_all = a_list[0] if shared else torch.cat(a_list)
-        h = native.rows_times(x, a_all.t()) if native.usable(x) else x @ a_all.t()
+        h = (
+            native.rows_times(x, a_all.t())
+            if native.usable(x, rank=a_all.shape[0])
+            else x @ a_all.t()
+        )
         outs, w_folds = [], []
         for m in range(g):
             w_fold = folded_weight(ws[m], a_list[m], b_list[m], 1)
@@ -77,7 +81,9 @@ class SharedInputLowRank(torch.autograd.Function):
                 h_m = h if shared else h[:, m * r : (m + 1) * r]
                 if need_bias[m]:
                     h_m = torch.cat([h_m, h_m.new_ones(n, 1)], dim=1)
-                if need_a and native.usable(gy, h_m):  # gy B and h_mᵀ gy in one read of gy
+                if need_a and native.usable(
+                    gy, h_m, rank=h_m.shape[1]
+                ):  # gy B and h_mᵀ gy in one read of gy
                     gh_m, grad = native.grad_pass(gy, b_list[m], h_m)
                 else:
                     grad = token_product(h_m, gy)

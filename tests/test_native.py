@@ -97,13 +97,14 @@ def test_thread_count_does_not_change_the_result_beyond_rounding(threads):
 def test_usable_only_for_plain_contiguous_float32_token_matrices():
     ok = native.available()
     big = torch.randn(128, 16)
-    assert native.usable(big) == ok
-    assert not native.usable(big.double())
-    assert not native.usable(big.t())  # not contiguous
-    assert not native.usable(big[:, :8])  # a column slice
-    assert not native.usable(torch.randn(native.MIN_TOKENS - 1, 16))
-    assert not native.usable(torch.randn(2, 64, 16))  # not a matrix
-    assert not native.usable(big, big.double())  # every tensor must qualify
+    assert native.usable(big, rank=8) == ok
+    assert not native.usable(big, rank=native.MAX_RANK + 1)  # BLAS is faster there
+    assert not native.usable(big.double(), rank=8)
+    assert not native.usable(big.t(), rank=8)  # not contiguous
+    assert not native.usable(big[:, :8], rank=8)  # a column slice
+    assert not native.usable(torch.randn(native.MIN_TOKENS - 1, 16), rank=8)
+    assert not native.usable(torch.randn(2, 64, 16), rank=8)  # not a matrix
+    assert not native.usable(big, big.double(), rank=8)  # every tensor must qualify
 
 
 def _run_in_subprocess(code: str, **env: str) -> subprocess.CompletedProcess:
