@@ -39,6 +39,7 @@ MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS los
 #: (2048 tokens, width 384 and 1536, ``docs/benchmarks.md``)
 MAX_RANK = 13
 
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 _lib: ctypes.CDLL | None = None
 _state = "unloaded"  # "unloaded" | "ready" | "off"
 _reason = "not loaded yet"
@@ -132,7 +133,7 @@ def usable(*tensors: torch.Tensor, rank: int) -> bool:
             or t.shape[0] < MIN_TOKENS
         ):
             return False
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return False
     return available()
 
