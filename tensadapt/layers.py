@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from .drop_connect import DropConnectLinear, draw_key
 from .errors import AdapterStateError
 from .low_rank import FOLD_DTYPES, LowRankLinear, merge_mix
 from .program import ContributionProgram
@@ -110,6 +111,8 @@ class TensorAdapterLayer(nn.Module):
             if factors is not None:
                 fast = self._forward_low_rank(x, factors)
                 if fast is None:
+                    fast = self._forward_drop_connect(x, factors)
+                if fast is None:
                     fast = self._forward_folded(x, factors)
                 if fast is not None:
                     return fast
@@ -136,6 +139,28 @@ class TensorAdapterLayer(nn.Module):
                 vec = vec.new_zeros(rows).index_add(0, p._rows, vec, alpha=p.scale)
                 bias = vec if bias is None else bias + vec
         return bias
+
+    def _forward_drop_connect(
+        self, x: torch.Tensor, factors: list[list[torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """``y = x (W + s·c·(m ⊙ B A))ᵀ + b + s·b_c`` as one :class:`DropConnectLinear` call, or
+        None: for a single contribution on all rows with DropConnect active and a low-rank
+        form ``ΔW = B A`` (no serial map, chunks or input dropout)."""
+        if len(self.programs) != 1 or self.input_dropout is not None:
+            return None
+        p, f = self.programs[0], factors[0]
+        if not (p.drops_delta() and p.low_rank_ok and p.full) or p.serial or p.chunks != 1:
+            return None
+        w = self.weight_out_in()
+        if w.dtype not in FOLD_DTYPES:
+            return None
+        a, b = p.low_rank(f, self.state.step_cache)
+        n = x.numel() // x.shape[-1]
+        x2d = x.reshape(n, x.shape[-1])
+        out = DropConnectLinear.apply(
+            x2d, w, self._shared_bias(), a, b * p.scale, float(p.dropout.p), draw_key()
+        )
+        return out.view(*x.shape[:-1], w.shape[0])
 
     def _forward_folded(
         self, x: torch.Tensor, factors: list[list[torch.Tensor]]

@@ -7,8 +7,13 @@ read of the activation, yet CPU BLAS runs these shapes at about half that speed 
 0.8 ms). ``thin_passes.c`` does them in one read each, and ``gy B`` with ``hᵀ gy`` in one
 read together (:func:`grad_pass`).
 
-The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
-``$TENSADAPT_CACHE`` (default ``~/.cache/tensadapt``), keyed by the source's hash, and loaded
+``drop_connect.c`` applies DropConnect to a low-rank update while folding it into the
+frozen weight (:func:`drop_fold`), masks the weight gradient the same way (:func:`drop_grad_`)
+and gives the mask itself (:func:`keep_bytes`); the mask is a keyed hash of each entry's
+index (:mod:`tensadapt.drop_connect`), so it is drawn again instead of stored.
+
+The C files are compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+``$TENSADAPT_CACHE`` (default ``~/.cache/tensadapt``), keyed by the sources' hash, and loaded
 with :mod:`ctypes`; OpenMP threads come from the runtime torch already loaded. Where there is
 no compiler, no AVX2/FMA, or ``TENSADAPT_NATIVE=0``, :func:`available` is False and callers
 use their PyTorch path; the results agree to float32 rounding (the sums run in another
@@ -28,11 +33,22 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "status", "usable", "rows_times", "cols_reduce", "grad_pass", "pack"]
+__all__ = [
+    "available",
+    "status",
+    "usable",
+    "rows_times",
+    "cols_reduce",
+    "grad_pass",
+    "pack",
+    "drop_fold",
+    "drop_grad_",
+    "keep_bytes",
+]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("thin_passes.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("thin_passes.c", "drop_connect.c"))
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS loses
 #: widest thin operand the passes take: from rank 16 on, BLAS is as fast or faster
@@ -53,9 +69,9 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """Compile ``thin_passes.c`` once per source version; the library is renamed into place."""
+    """Compile the C sources once per version into one library, renamed into place."""
     compiler = os.environ.get("CC", "cc")
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"thin_passes-{platform.machine()}-{key}.so"
     if target.exists():
@@ -65,7 +81,10 @@ def _build() -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         os.replace(tmp, target)
     finally:
@@ -102,6 +121,14 @@ def _load() -> ctypes.CDLL | None:
     lib.ta_cols_reduce.restype = ctypes.c_int
     lib.ta_grad_pass.argtypes = [ptr, size, size, ptr, size, ptr, ptr, size, ptr, ctypes.c_int]
     lib.ta_grad_pass.restype = ctypes.c_int
+    u32, i32 = ctypes.c_uint32, ctypes.c_int
+    lib.ta_drop_fold.argtypes = [ptr, size, size, ptr, ptr, size, ctypes.c_float, u32, u32, i32]
+    lib.ta_drop_fold.argtypes += [ptr, i32]
+    lib.ta_drop_fold.restype = None
+    lib.ta_drop_grad.argtypes = [ptr, size, ctypes.c_float, u32, u32, i32, i32]
+    lib.ta_drop_grad.restype = None
+    lib.ta_keep_mask.argtypes = [ptr, size, u32, u32, i32, i32]
+    lib.ta_keep_mask.restype = None
     _lib, _state, _reason = lib, "ready", "ready"
     return lib
 
@@ -188,3 +215,35 @@ def grad_pass(
     if status != 0:
         raise MemoryError(f"thin pass hbᵀ gy: no scratch memory for {_threads()} × {rh} × {m}")
     return gh, g
+
+
+def drop_fold(
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: float,
+    threshold: int,
+    key: tuple[int, int],
+) -> torch.Tensor:
+    """``W + c·(m ⊙ B A)`` in one pass: ``W`` (out, in), ``A`` (R, in), ``B`` (out, R), all
+    contiguous float32; ``m`` the keep mask of ``key`` and ``threshold``."""
+    rows, cols = w.shape
+    out = torch.empty_like(w)
+    _lib.ta_drop_fold(
+        w.data_ptr(), rows, cols, a.data_ptr(), b.data_ptr(), a.shape[0], c, *key, threshold,
+        out.data_ptr(), _threads(),
+    )  # fmt: skip
+    return out
+
+
+def drop_grad_(g: torch.Tensor, c: float, threshold: int, key: tuple[int, int]) -> torch.Tensor:
+    """``g ← c·(m ⊙ g)`` in place, ``g`` contiguous float32, ``m`` as in :func:`drop_fold`."""
+    _lib.ta_drop_grad(g.data_ptr(), g.numel(), c, *key, threshold, _threads())
+    return g
+
+
+def keep_bytes(numel: int, threshold: int, key: tuple[int, int]) -> torch.Tensor:
+    """The keep mask of ``key`` and ``threshold`` over ``numel`` entries, as ``uint8`` 0/1."""
+    out = torch.empty(numel, dtype=torch.uint8)
+    _lib.ta_keep_mask(out.data_ptr(), numel, *key, threshold, _threads())
+    return out

@@ -31,6 +31,7 @@ from torch import nn
 
 from .batched_side import BatchedSide
 from .contraction import PLAN_CACHE, ContractionPlan, Symbols
+from .drop_connect import draw_key, hashed_keep_mask
 from .factorizations import FactorizedTensor
 from .layout import Contribution
 from .low_rank import keep_mask, keep_scale
@@ -367,10 +368,11 @@ class ContributionProgram(nn.Module):
 
     def drop_connect(self, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``(ΔW ⊙ m, 1 / (1 − p′))`` with ``m_ij ~ Bernoulli(1 − p′)``: dropout on the update
-        itself (:func:`~tensadapt.low_rank.keep_mask`'s law, ``p′`` within 2⁻¹⁷ of ``p``).
-        The caller folds the factor into its scale, so the dense update is passed over once."""
+        itself (the hashed mask of :mod:`~tensadapt.drop_connect`, ``p′`` within 2⁻¹⁷ of
+        ``p``). The caller folds the factor into its scale, so the dense update is passed over
+        once."""
         p = self.dropout.p
-        keep = keep_mask(tuple(delta.shape), p, delta.device)
+        keep = hashed_keep_mask(tuple(delta.shape), p, draw_key(), delta.device)
         return torch.where(keep, delta, 0.0), keep_scale(p)
 
     def materialises(self, n_tokens: int, factors: list[torch.Tensor]) -> bool:

@@ -53,6 +53,25 @@ def _restore_registries():
 
 
 @pytest.fixture
+def native_off():
+    """Switches the native passes off for the duration of a block: ``with native_off(): ...``"""
+    import contextlib
+
+    from tensadapt import native
+
+    @contextlib.contextmanager
+    def off():
+        state = native._state
+        native._state = "off"
+        try:
+            yield
+        finally:
+            native._state = state
+
+    return off
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models: one thread is faster than two, and much faster on a loaded CPU."""
     threads = torch.get_num_threads()

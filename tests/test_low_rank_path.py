@@ -108,7 +108,7 @@ def test_fast_path_matches_general_path_with_gradients(name, dropout):
     "name,kw",
     [
         ("cara", {"strategy": "materialise", "dropout": 0.0}),
-        ("cara", {}),  # DropConnect on ΔW, in training
+        ("cara", {}),  # DropConnect on ΔW, in training (its own path switched off)
         ("fact_tt", {"strategy": "materialise", "dropout": 0.0}),
         ("serial_lora", {"strategy": "materialise"}),
         ("tenslora", {"strategy": "materialise"}),
@@ -125,6 +125,7 @@ def test_folded_path_matches_general_path_with_gradients(name, kw):
             p.normal_()
     calls = []
     for layer in am.adapted_layers.values():
+        layer.__dict__["_forward_drop_connect"] = lambda *a: None  # DropConnect: fold it here
         folded = layer._forward_folded
         layer.__dict__["_forward_folded"] = lambda *a, f=folded: calls.append(1) or f(*a)
 

@@ -24,23 +24,6 @@ needs_native = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def native_off(monkeypatch):
-    """Switches the native passes off for the duration of a block: ``with native_off(): ...``"""
-    import contextlib
-
-    @contextlib.contextmanager
-    def off():
-        state = native._state
-        native._state = "off"
-        try:
-            yield
-        finally:
-            native._state = state
-
-    return off
-
-
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 

@@ -1,0 +1,134 @@
+"""DropConnect on ``ΔW``: a hashed keep mask, and the update folded into the frozen weight.
+
+DropConnect (the CaRA preset's dropout) masks each entry of the update itself:
+
+    y = x (W + s·c·(m ⊙ ΔW))ᵀ + b,    m_ij ~ Bernoulli(1 − p′),  c = 1 / (1 − p′)
+
+with ``p′ = round(p·2¹⁶) / 2¹⁶`` (:func:`~tensadapt.low_rank.quantised_p`). Entry ``e`` of the
+row-major ``(out, in)`` matrix keeps when ``(h(e) >> 16) ≥ round(p·2¹⁶)``, where
+``h(e) = f(f(e ⊕ k₀) ⊕ k₁)``, ``f`` a 32-bit integer finaliser (a bijection with full
+avalanche) and ``(k₀, k₁)`` one 64-bit draw from torch's generator per call (:func:`draw_key`).
+So the mask follows ``torch.manual_seed``, does not depend on the thread count, and the
+backward pass draws it again instead of storing it.
+
+:class:`DropConnectLinear` is the path for an update of the form ``ΔW = B A`` (rank ``R``):
+``W′ = W + s·c·(m ⊙ B A)`` is formed in one pass (native code for float32 on CPU), the forward
+and the input gradient each make one matmul with ``W′``, and the factor gradients contract the
+masked weight gradient ``G = c·(m ⊙ gyᵀ x)`` as ``gA = Bᵀ G`` and ``gB = G Aᵀ``. ``gyᵀ x`` is
+the dense weight gradient of full fine-tuning: DropConnect's floor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import native
+from .low_rank import KEEP_BITS, keep_scale
+
+__all__ = ["draw_key", "threshold", "hashed_keep_mask", "DropConnectLinear"]
+
+MASK32 = 0xFFFFFFFF
+MIX = (0x7FEB352D, 0x846CA68B)  # the finaliser's two multipliers
+MAX_ENTRIES = 2**32  # entries are indexed by 32-bit counters
+
+
+def draw_key() -> tuple[int, int]:
+    """``(k₀, k₁)``: the two 32-bit halves of one uniform 64-bit draw from torch's generator."""
+    word = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None))
+    return word & MASK32, (word >> 32) & MASK32
+
+
+def threshold(p: float) -> int:
+    """``round(p·2¹⁶)``: an entry keeps when the top 16 bits of its hash reach this value."""
+    return round(p * 2**KEEP_BITS)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x·c mod 2³²`` for ``x`` in ``[0, 2³²)`` (int64), in 16-bit halves so no product
+    leaves int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & MASK32
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX[1])
+    return x ^ (x >> 16)
+
+
+def hashed_keep_mask(
+    shape: tuple[int, ...], p: float, key: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """The boolean keep mask of ``key`` over ``shape`` (entries in row-major order)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel > MAX_ENTRIES:
+        raise ValueError(
+            f"DropConnect masks at most 2**32 entries per matrix; this update has {numel}"
+        )
+    t = threshold(p)
+    if device.type == "cpu" and native.available():
+        return native.keep_bytes(numel, t, key).view(torch.bool).view(shape)
+    e = torch.arange(numel, dtype=torch.int64, device=device)
+    h = _mix(_mix(e ^ key[0]) ^ key[1])
+    return ((h >> 16) >= t).view(shape)
+
+
+def _native_ok(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        native.usable(w, b, rank=a.shape[0])
+        and a.dtype == torch.float32
+        and a.device.type == "cpu"
+        and a.is_contiguous()
+    )
+
+
+class DropConnectLinear(torch.autograd.Function):
+    """``y = x (W + c·(m ⊙ B A))ᵀ + bias`` with a hand-written backward (``W`` frozen).
+
+    Arguments: ``x`` (N, in); ``w`` (out, in) frozen; ``bias`` (out,) or None; ``a`` (R, in);
+    ``bm`` (out, R) with the adapter's scale ``s`` in it; ``p`` the drop probability; ``key``
+    from :func:`draw_key`. Float32 CPU tensors take the native passes, others PyTorch ops;
+    both draw the same mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, bm, p, key):  # noqa: D102
+        a = a.contiguous()
+        c = keep_scale(p)
+        fast = _native_ok(w, a, bm)
+        if fast:
+            weight = native.drop_fold(w, a, bm, c, threshold(p), key)
+        else:
+            d = bm @ a
+            d.mul_(hashed_keep_mask(tuple(w.shape), p, key, w.device))
+            weight = d.mul_(c).add_(w)
+        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        ctx.p, ctx.key, ctx.fast = p, key, fast
+        ctx.save_for_backward(x, weight, a, bm)
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        x, weight, a, bm = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_bm, _, _ = ctx.needs_input_grad
+        gx = gbias = ga = gbm = None
+        if need_x:
+            gx = gy @ weight
+        if need_bias:
+            gbias = gy.sum(0)
+        if need_a or need_bm:
+            p, key = ctx.p, ctx.key
+            g = gy.t() @ x  # (out, in): the dense weight gradient
+            if ctx.fast and g.is_contiguous():
+                native.drop_grad_(g, keep_scale(p), threshold(p), key)
+            else:
+                g.mul_(hashed_keep_mask(tuple(g.shape), p, key, g.device)).mul_(keep_scale(p))
+            if native.usable(g, bm, rank=a.shape[0]):
+                gbm, ga = native.grad_pass(g, a.t(), bm)  # G Aᵀ and Bᵀ G in one read of G
+            else:
+                gbm, ga = g @ a.t(), bm.t() @ g
+        return gx, None, gbias, ga, gbm, None, None

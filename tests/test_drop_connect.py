@@ -1,0 +1,243 @@
+"""DropConnect on ``ΔW``: the hashed keep mask and :class:`DropConnectLinear`, against dense
+maths, an independent scalar hash, and the general path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_vit
+from test_low_rank_path import assert_path_matches_general_path
+
+import tensadapt as ta
+from tensadapt import drop_connect as dc
+from tensadapt import native
+from tensadapt.low_rank import keep_scale, quantised_p
+
+CPU = torch.device("cpu")
+KEYS = [(0, 0), (0x12345678, 0x9ABCDEF0), (0xFFFFFFFF, 1)]
+
+
+def scalar_hash(e: int, key: tuple[int, int]) -> int:
+    """The finaliser in plain Python integers: the oracle for both implementations."""
+
+    def f(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    return f(f(e ^ key[0]) ^ key[1])
+
+
+def torch_mask(numel: int, p: float, key: tuple[int, int]) -> torch.Tensor:
+    """The PyTorch form of the mask, whether or not the native library is loaded."""
+    e = torch.arange(numel, dtype=torch.int64)
+    return (dc._mix(dc._mix(e ^ key[0]) ^ key[1]) >> 16) >= dc.threshold(p)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_torch_hash_matches_the_scalar_oracle(key):
+    entries = [0, 1, 7, 8, 255, 65_536, 2**31 - 1, 2**31, 2**32 - 1]
+    e = torch.tensor(entries, dtype=torch.int64)
+    got = dc._mix(dc._mix(e ^ key[0]) ^ key[1])
+    assert got.tolist() == [scalar_hash(v, key) for v in entries]
+
+
+def needs_native_lib():
+    if not native.available():
+        pytest.skip(f"native passes unavailable: {native.status()}")
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_native_mask_kernels_match_the_torch_mask(key, p):
+    """``keep_bytes``, ``drop_grad_`` and ``drop_fold`` all draw the same mask as the PyTorch
+    form, including the scalar tails (numel not a multiple of 8)."""
+    needs_native_lib()
+    numel, t = 8 * 1301 + 5, dc.threshold(p)
+    want = torch_mask(numel, p, key)
+    assert torch.equal(native.keep_bytes(numel, t, key).bool(), want)
+    g = native.drop_grad_(torch.ones(numel), 2.5, t, key)
+    assert torch.equal(g, want.float() * 2.5)
+    rows, cols = 97, 13  # cols: one 8-wide strip and a tail of 5
+    w = torch.zeros(rows, cols)
+    a, b = torch.ones(1, cols), torch.ones(rows, 1)
+    folded = native.drop_fold(w, a, b, 1.0, t, key)
+    assert torch.equal(folded.bool(), torch_mask(rows * cols, p, key).view(rows, cols))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_hashed_mask_law(p):
+    """Bernoulli(1 − p′): the kept fraction within 5 σ; neighbours along rows and along
+    columns agree as often as independence predicts; two keys give independent masks."""
+    torch.manual_seed(0)
+    shape = (300, 400)
+    m = dc.hashed_keep_mask(shape, p, dc.draw_key(), CPU)
+    n, q = m.numel(), quantised_p(p)
+    assert abs(m.double().mean().item() - (1 - q)) < 5 * (q * (1 - q) / n) ** 0.5
+    agree = q * q + (1 - q) * (1 - q)
+    tol = 5 * (agree * (1 - agree) / n) ** 0.5
+    for same in (
+        m[:, 1:] == m[:, :-1],
+        m[1:] == m[:-1],
+        m == dc.hashed_keep_mask(shape, p, dc.draw_key(), CPU),
+    ):
+        assert abs(same.double().mean().item() - agree) < tol
+
+
+def test_hashed_mask_follows_the_seed_and_not_the_thread_count():
+    torch.manual_seed(5)
+    first = dc.hashed_keep_mask((64, 129), 0.3, dc.draw_key(), CPU)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            assert torch.equal(dc.hashed_keep_mask((64, 129), 0.3, dc.draw_key(), CPU), first)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(dc.hashed_keep_mask((64, 129), 0.3, dc.draw_key(), CPU), first)
+
+
+def test_mask_larger_than_its_counter_is_refused():
+    with pytest.raises(ValueError, match=r"at most 2\*\*32 entries.*4295098368"):
+        dc.hashed_keep_mask((65_536, 65_538), 0.1, (1, 2), CPU)
+
+
+def dense(x, w, bias, a, bm, p, key):
+    """The oracle: ``x (W + c·(m ⊙ B A))ᵀ + bias`` in autograd on dense tensors."""
+    m = torch_mask(w.numel(), p, key).view(w.shape).to(w.dtype)
+    out = x @ (w + keep_scale(p) * m * (bm @ a)).t()
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_drop_connect_linear_gradcheck_and_dense_oracle(with_bias):
+    torch.manual_seed(0)
+    n, d_in, d_out, r, p, key = 6, 5, 7, 3, 0.4, (11, 22)
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    bias = torch.randn(d_out, dtype=torch.float64, requires_grad=True) if with_bias else None
+    a = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
+    bm = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    mask = torch_mask(w.numel(), p, key)
+    assert 0 < mask.sum() < mask.numel()  # some entries dropped, some kept
+    inputs = (x, w, bias, a, bm, p, key)
+    assert torch.autograd.gradcheck(lambda *t: dc.DropConnectLinear.apply(*t), inputs)
+    got = dc.DropConnectLinear.apply(*inputs)
+    want = dense(*inputs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    leaves = [t for t in (x, bias, a, bm) if t is not None]
+    g = torch.randn_like(got)
+    for mine, ref in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (67, 13), (1152, 384), (96, 1537)])
+@pytest.mark.parametrize("r", [1, 8, 13])
+def test_native_and_pytorch_forms_agree_with_float64(shape, r, native_off):
+    """Float32 with native code, float32 without it, and the float64 oracle: same output and
+    gradients to float32 rounding, under the same mask."""
+    needs_native_lib()
+    d_out, d_in = shape
+    gen = torch.Generator().manual_seed(r)
+    x = torch.randn(80, d_in, generator=gen).requires_grad_()
+    w = torch.randn(d_out, d_in, generator=gen) * 0.1
+    bias = torch.randn(d_out, generator=gen).requires_grad_()
+    a = torch.randn(r, d_in, generator=gen).requires_grad_()
+    bm = torch.randn(d_out, r, generator=gen).requires_grad_()
+    p, key = 0.25, (99, 7)
+    gy = torch.randn(80, d_out, generator=gen)
+    leaves = (x, bias, a, bm)
+    assert dc._native_ok(w, a.detach(), bm.detach())
+
+    def run():
+        out = dc.DropConnectLinear.apply(x, w, bias, a, bm, p, key)
+        return [out, *torch.autograd.grad(out, leaves, gy)]
+
+    fast = run()
+    with native_off():
+        slow = run()
+    ref_inputs = [t.detach().double().requires_grad_() for t in (x, w, bias, a, bm)]
+    ref_out = dense(*ref_inputs, p, key)
+    ref_leaves = [ref_inputs[i] for i in (0, 2, 3, 4)]
+    ref = [ref_out, *torch.autograd.grad(ref_out, ref_leaves, gy.double())]
+    for got_fast, got_slow, want in zip(fast, slow, ref):
+        scale = want.abs().max()
+        assert (got_fast.double() - want).abs().max() <= 2e-5 * scale
+        assert (got_slow.double() - want).abs().max() <= 2e-5 * scale
+
+
+def cara_model(dim: int, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = tiny_vit(dim=dim, heads=2).to(dtype)
+    name = "float64" if dtype == torch.float64 else "float32"
+    cfg = ta.presets.get("cara", rank=2, adapter_dtype=name)  # default dropout: DropConnect
+    am = ta.get_adapter_model(model, cfg).train()
+    with torch.no_grad():
+        for p in am.tensor_adapters.parameters():
+            p.normal_()
+    return am
+
+
+def test_cara_training_takes_the_drop_connect_path_and_matches_the_general_path():
+    am = cara_model(16, torch.float64)
+    taken = []
+
+    def spy(path):
+        def run(*args):
+            taken.append(path(*args))
+            return taken[-1]
+
+        return run
+
+    for layer in am.adapted_layers.values():
+        layer.__dict__["_forward_drop_connect"] = spy(layer._forward_drop_connect)
+
+    def every_layer_took_it():
+        assert len(taken) == len(am.adapted_layers)
+        assert all(out is not None for out in taken)
+
+    assert_path_matches_general_path(am, "_forward_drop_connect", after=every_layer_took_it)
+
+
+def test_cara_float32_step_runs_native_and_matches_pytorch(monkeypatch, native_off):
+    """Widths of 64 and more reach the native passes (fold, masked gradient, grad pass)."""
+    needs_native_lib()
+    am = cara_model(64, torch.float32)
+    calls = {"drop_fold": 0, "drop_grad_": 0}
+    for fn in calls:
+        real = getattr(native, fn)
+        monkeypatch.setattr(
+            native, fn, lambda *a, f=real, k=fn: calls.__setitem__(k, calls[k] + 1) or f(*a)
+        )
+    x = torch.randn(4, 3, 16, 16)
+
+    def run():
+        am.zero_grad()
+        torch.manual_seed(3)
+        out = am(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
+
+    fast_out, fast_grads = run()
+    assert calls["drop_fold"] == len(am.adapted_layers) == calls["drop_grad_"]
+    with native_off():
+        slow_out, slow_grads = run()
+    torch.testing.assert_close(fast_out, slow_out, rtol=1e-4, atol=1e-4)
+    for key, grad in fast_grads.items():
+        torch.testing.assert_close(
+            grad, slow_grads[key], rtol=1e-3, atol=1e-3 * grad.abs().max().item()
+        )
+
+
+def test_eval_mode_draws_no_mask():
+    """In eval DropConnect is off: the low-rank path runs and the generator is not touched."""
+    am = cara_model(16, torch.float64).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    torch.manual_seed(1)
+    am(x)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after)
