@@ -241,3 +241,52 @@ def test_eval_mode_draws_no_mask():
     after = torch.rand(1)
     torch.manual_seed(1)
     assert torch.equal(torch.rand(1), after)
+
+
+@pytest.mark.parametrize("family", ["timm_vit", "hf_bert", "hf_llama_gqa", "hf_gpt2"])
+def test_drop_connect_path_on_each_family_matches_the_general_path(family):
+    """Fused qkv (timm), separate q/k/v (BERT, grouped-query LLaMA) and GPT-2's ``Conv1D``
+    (weight stored ``in × out``): every adapted module takes the one-node path in training,
+    with the outputs and factor gradients of the general path under the same masks. (A fused
+    qkv module needs the ``qkv`` mode to hold one contribution; with three it folds.)"""
+    from families import make
+
+    model, inputs, output = make(family)
+    fused = family in ("timm_vit", "hf_gpt2")
+    cfg = ta.TensorAdapterConfig(
+        factorization="cp",
+        modes=["depth", "qkv"] if fused else ["depth"],
+        targets=["q", "k", "v"],
+        rank=2,
+        dropout=0.3,
+        dropout_on="delta",
+        adapter_dtype="float64",
+    )
+    am = ta.get_adapter_model(model.double(), cfg).train()
+    with torch.no_grad():
+        for p in am.tensor_adapters.parameters():
+            p.normal_()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    taken = []
+
+    def run():
+        am.zero_grad()
+        torch.manual_seed(11)
+        out = output(am(**inputs))
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
+        return out.detach(), grads
+
+    for layer in am.adapted_layers.values():
+        path = layer._forward_drop_connect
+        layer.__dict__["_forward_drop_connect"] = lambda *a, f=path: (
+            taken.append(f(*a)) or taken[-1]
+        )
+    fast_out, fast_grads = run()
+    assert len(taken) == len(am.adapted_layers) and all(t is not None for t in taken)
+    for layer in am.adapted_layers.values():
+        layer.__dict__["_forward_drop_connect"] = lambda *a: None
+    slow_out, slow_grads = run()
+    torch.testing.assert_close(fast_out, slow_out, rtol=0, atol=1e-10)
+    for key, grad in fast_grads.items():
+        torch.testing.assert_close(grad, slow_grads[key], rtol=1e-9, atol=1e-10)
