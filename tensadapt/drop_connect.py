@@ -7,7 +7,7 @@ DropConnect (the CaRA preset's dropout) masks each entry of the update itself:
 with ``p′ = round(p·2¹⁶) / 2¹⁶`` (:func:`~tensadapt.low_rank.quantised_p`). Entry ``e`` of the
 row-major ``(out, in)`` matrix keeps when ``(h(e) >> 16) ≥ round(p·2¹⁶)``, where
 ``h(e) = f(f(e ⊕ k₀) ⊕ k₁)``, ``f`` a 32-bit integer finaliser (a bijection with full
-avalanche) and ``(k₀, k₁)`` one 64-bit draw from torch's generator per call (:func:`draw_key`).
+avalanche) and ``(k₀, k₁)`` two 32-bit draws from torch's generator per call (:func:`draw_key`).
 So the mask follows ``torch.manual_seed``, does not depend on the thread count, and the
 backward pass draws it again instead of storing it.
 
@@ -32,10 +32,15 @@ MIX = (0x7FEB352D, 0x846CA68B)  # the finaliser's two multipliers
 MAX_ENTRIES = 2**32  # entries are indexed by 32-bit counters
 
 
-def draw_key() -> tuple[int, int]:
-    """``(k₀, k₁)``: the two 32-bit halves of one uniform 64-bit draw from torch's generator."""
-    word = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None))
-    return word & MASK32, (word >> 32) & MASK32
+def draw_key() -> torch.Tensor:
+    """``(k₀, k₁)``: two uniform 32-bit words from torch's generator, as an int64 tensor (a
+    tensor, so that ``torch.compile`` can trace the draw)."""
+    return torch.randint(0, 2**32, (2,), dtype=torch.int64)
+
+
+def _ints(key: torch.Tensor) -> tuple[int, int]:
+    k0, k1 = key.tolist()
+    return int(k0), int(k1)
 
 
 def threshold(p: float) -> int:
@@ -59,7 +64,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def hashed_keep_mask(
-    shape: tuple[int, ...], p: float, key: tuple[int, int], device: torch.device
+    shape: tuple[int, ...], p: float, key: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """The boolean keep mask of ``key`` over ``shape`` (entries in row-major order)."""
     numel = 1
@@ -70,9 +75,10 @@ def hashed_keep_mask(
             f"DropConnect masks at most 2**32 entries per matrix; this update has {numel}"
         )
     t = threshold(p)
-    if device.type == "cpu" and native.available():
-        return native.keep_bytes(numel, t, key).view(torch.bool).view(shape)
+    if device.type == "cpu" and not native._is_compiling() and native.available():
+        return native.keep_bytes(numel, t, _ints(key)).view(torch.bool).view(shape)
     e = torch.arange(numel, dtype=torch.int64, device=device)
+    key = key.to(device)
     h = _mix(_mix(e ^ key[0]) ^ key[1])
     return ((h >> 16) >= t).view(shape)
 
@@ -101,7 +107,7 @@ class DropConnectLinear(torch.autograd.Function):
         c = keep_scale(p)
         fast = _native_ok(w, a, bm)
         if fast:
-            weight = native.drop_fold(w, a, bm, c, threshold(p), key)
+            weight = native.drop_fold(w, a, bm, c, threshold(p), _ints(key))
         else:
             d = bm @ a
             d.mul_(hashed_keep_mask(tuple(w.shape), p, key, w.device))
@@ -124,7 +130,7 @@ class DropConnectLinear(torch.autograd.Function):
             p, key = ctx.p, ctx.key
             g = gy.t() @ x  # (out, in): the dense weight gradient
             if ctx.fast and g.is_contiguous():
-                native.drop_grad_(g, keep_scale(p), threshold(p), key)
+                native.drop_grad_(g, keep_scale(p), threshold(p), _ints(key))
             else:
                 g.mul_(hashed_keep_mask(tuple(g.shape), p, key, g.device)).mul_(keep_scale(p))
             if native.usable(g, bm, rank=a.shape[0]):

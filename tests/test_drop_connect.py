@@ -102,7 +102,7 @@ def test_hashed_mask_follows_the_seed_and_not_the_thread_count():
 
 def test_mask_larger_than_its_counter_is_refused():
     with pytest.raises(ValueError, match=r"at most 2\*\*32 entries.*4295098368"):
-        dc.hashed_keep_mask((65_536, 65_538), 0.1, (1, 2), CPU)
+        dc.hashed_keep_mask((65_536, 65_538), 0.1, torch.tensor([1, 2]), CPU)
 
 
 def dense(x, w, bias, a, bm, p, key):
@@ -115,7 +115,7 @@ def dense(x, w, bias, a, bm, p, key):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_drop_connect_linear_gradcheck_and_dense_oracle(with_bias):
     torch.manual_seed(0)
-    n, d_in, d_out, r, p, key = 6, 5, 7, 3, 0.4, (11, 22)
+    n, d_in, d_out, r, p, key = 6, 5, 7, 3, 0.4, torch.tensor([11, 22])
     x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
     w = torch.randn(d_out, d_in, dtype=torch.float64)
     bias = torch.randn(d_out, dtype=torch.float64, requires_grad=True) if with_bias else None
@@ -147,7 +147,7 @@ def test_native_and_pytorch_forms_agree_with_float64(shape, r, native_off):
     bias = torch.randn(d_out, generator=gen).requires_grad_()
     a = torch.randn(r, d_in, generator=gen).requires_grad_()
     bm = torch.randn(d_out, r, generator=gen).requires_grad_()
-    p, key = 0.25, (99, 7)
+    p, key = 0.25, torch.tensor([99, 7])
     gy = torch.randn(80, d_out, generator=gen)
     leaves = (x, bias, a, bm)
     assert dc._native_ok(w, a.detach(), bm.detach())
@@ -290,3 +290,18 @@ def test_drop_connect_path_on_each_family_matches_the_general_path(family):
     torch.testing.assert_close(fast_out, slow_out, rtol=0, atol=1e-10)
     for key, grad in fast_grads.items():
         torch.testing.assert_close(grad, slow_grads[key], rtol=1e-9, atol=1e-10)
+
+
+def test_cara_training_compiles_fullgraph():
+    """The key is a tensor drawn with ``torch.randint`` and the mask is hashed in PyTorch ops
+    while compiling, so a DropConnect training step traces as one graph."""
+    am = cara_model(16, torch.float32)
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(am, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    got = compiled(x)
+    torch.manual_seed(5)
+    want = am(x)
+    torch.testing.assert_close(got, want)
+    got.square().sum().backward()
+    assert all(p.grad is not None for p in am.tensor_adapters.parameters())
