@@ -11,12 +11,23 @@
  *   ta_drop_fold:  out = W + c * (m (.) B A)     one pass; B A formed in registers
  *   ta_drop_grad:  g   = c * (m (.) g)           in place
  *   ta_keep_mask:  the mask m as bytes           (for paths that do not fold)
+ *   ta_dropped_sums: the weight gradient on the dropped entries only, contracted with the
+ *                  factors: with it, B^T (m (.) G) = B^T G - B^T ((1 - m) (.) G) costs
+ *                  thin passes plus p of the dense product G = gy^T x
  */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define KERNEL __attribute__((target("avx2,fma")))
+#ifndef TP
+#define TP 32 /* tokens per chunk */
+#endif
+#ifndef QB
+#define QB 128 /* columns per block of the held panel: QB x TP floats = 16 KiB */
+#endif
 
 static inline uint32_t mix(uint32_t x) {
     x ^= x >> 16;
@@ -123,4 +134,257 @@ void ta_keep_mask(unsigned char *out, long n, uint32_t k0, uint32_t k1, int thre
         entry_range(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         for (long e = n0; e < n1; ++e) out[e] = (unsigned char)keeps((uint32_t)e, k0, k1, threshold);
     }
+}
+
+/* Bit l set where entry e0 + l*step (l < 8) is dropped. */
+KERNEL static inline int dropped8(uint32_t e0, __m256i steps, __m256i k0, __m256i k1,
+                                  __m256i below) {
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)e0), steps);
+    __m256i h = mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(idx, k0)), k1));
+    __m256i keep = _mm256_cmpgt_epi32(_mm256_srli_epi32(h, 16), below);
+    return ~_mm256_movemask_ps(_mm256_castsi256_ps(keep)) & 0xff;
+}
+
+/* Row p's dropped entries (entries p*sp + q*sq, q < Q): bits[q / 8] gets bit q % 8 set
+ * where entry q drops, and cnt[b * P + p] the count in each column block b of QB. */
+KERNEL static void row_drops(long p, long P, long Q, long sp, long sq, uint32_t k0, uint32_t k1,
+                             int threshold, unsigned char *bits, long *cnt) {
+    const __m256i K0 = _mm256_set1_epi32((int)k0), K1 = _mm256_set1_epi32((int)k1);
+    const __m256i below = _mm256_set1_epi32(threshold - 1);
+    const __m256i steps = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32((int)sq));
+    const uint32_t base = (uint32_t)(p * sp);
+    for (long q0 = 0, b = 0; q0 < Q; q0 += QB, ++b) {
+        const long q1 = q0 + QB < Q ? q0 + QB : Q;
+        long n = 0, q = q0;
+        for (; q + 8 <= q1; q += 8) {
+            int m = dropped8(base + (uint32_t)(q * sq), steps, K0, K1, below);
+            bits[q / 8] = (unsigned char)m;
+            n += __builtin_popcount(m);
+        }
+        if (q < q1) {
+            int m = 0;
+            for (long l = 0; q + l < q1; ++l) {
+                uint32_t e = base + (uint32_t)((q + l) * sq);
+                m |= ((int)(mix(mix(e ^ k0) ^ k1) >> 16) < threshold) << l;
+            }
+            bits[q / 8] = (unsigned char)m;
+            n += __builtin_popcount(m);
+        }
+        cnt[b * P + p] = n;
+    }
+}
+
+/* Row p's dropped columns from its bits, ascending, into idx at start[b * P + p] per block. */
+static void row_list(long p, long P, long Q, const unsigned char *bits, const long *start,
+                     int32_t *idx) {
+    for (long q0 = 0, b = 0; q0 < Q; q0 += QB, ++b) {
+        int32_t *out = idx + start[b * P + p];
+        const long q1 = q0 + QB < Q ? q0 + QB : Q;
+        for (long q = q0; q < q1; q += 8) {
+            int m = bits[q / 8];
+            while (m) {
+                *out++ = (int32_t)(q + __builtin_ctz(m));
+                m &= m - 1;
+            }
+        }
+    }
+}
+
+/* The 8 x 8 block src[t .. t+8, c .. c+8] (row stride ss) transposed into dst (stride Tp). */
+KERNEL static inline void transpose8(const float *s, long ss, float *d, long Tp) {
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ss);
+    __m256 r2 = _mm256_loadu_ps(s + 2 * ss), r3 = _mm256_loadu_ps(s + 3 * ss);
+    __m256 r4 = _mm256_loadu_ps(s + 4 * ss), r5 = _mm256_loadu_ps(s + 5 * ss);
+    __m256 r6 = _mm256_loadu_ps(s + 6 * ss), r7 = _mm256_loadu_ps(s + 7 * ss);
+    __m256 a0 = _mm256_unpacklo_ps(r0, r1), a1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 a2 = _mm256_unpacklo_ps(r2, r3), a3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 a4 = _mm256_unpacklo_ps(r4, r5), a5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 a6 = _mm256_unpacklo_ps(r6, r7), a7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+    __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+    __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+    __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(b0, b4, 0x20));
+    _mm256_storeu_ps(d + Tp, _mm256_permute2f128_ps(b1, b5, 0x20));
+    _mm256_storeu_ps(d + 2 * Tp, _mm256_permute2f128_ps(b2, b6, 0x20));
+    _mm256_storeu_ps(d + 3 * Tp, _mm256_permute2f128_ps(b3, b7, 0x20));
+    _mm256_storeu_ps(d + 4 * Tp, _mm256_permute2f128_ps(b0, b4, 0x31));
+    _mm256_storeu_ps(d + 5 * Tp, _mm256_permute2f128_ps(b1, b5, 0x31));
+    _mm256_storeu_ps(d + 6 * Tp, _mm256_permute2f128_ps(b2, b6, 0x31));
+    _mm256_storeu_ps(d + 7 * Tp, _mm256_permute2f128_ps(b3, b7, 0x31));
+}
+
+/* dst (C x Tp) = src[t, c] for t < T, c < C (src row stride ss), zero for T <= t < Tp.
+ * Token blocks outer, so the source is read as eight sequential row streams. */
+KERNEL static void pack_t(const float *src, long ss, long C, long T, long Tp, float *dst) {
+    const long C8 = C / 8 * 8;
+    long t = 0;
+    for (; t + 8 <= T; t += 8) {
+        for (long c = 0; c < C8; c += 8) transpose8(src + t * ss + c, ss, dst + c * Tp + t, Tp);
+        for (long c = C8; c < C; ++c)
+            for (long k = 0; k < 8; ++k) dst[c * Tp + t + k] = src[(t + k) * ss + c];
+    }
+    for (long c = 0; c < C; ++c)
+        for (long k = t; k < Tp; ++k) dst[c * Tp + k] = k < T ? src[k * ss + c] : 0.0f;
+}
+
+KERNEL static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+KERNEL static inline float hsum1(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* <g, q_i> over TP tokens for the four rows q_i, as four lanes. */
+KERNEL static inline __m128 dot4(const float *g, const float *q0, const float *q1,
+                                 const float *q2, const float *q3) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long t = 0; t < TP; t += 8) {
+        __m256 gv = _mm256_loadu_ps(g + t);
+        a0 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q0 + t), a0);
+        a1 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q1 + t), a1);
+        a2 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q2 + t), a2);
+        a3 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q3 + t), a3);
+    }
+    return hsum4(a0, a1, a2, a3);
+}
+
+/* d[k] += <g, r[idx[k]]> over TP tokens for k < n; r rows of stride TP. Eight entries at a
+ * time (two unrolled groups of four: eight independent FMA chains), then four, then one. */
+KERNEL static inline void dots(const float *g, const float *r, const int32_t *idx, long n,
+                               float *d) {
+    long k = 0;
+#define ROW(i) (r + idx[k + (i)] * TP)
+    for (; k + 8 <= n; k += 8) {
+        __m128 lo = dot4(g, ROW(0), ROW(1), ROW(2), ROW(3));
+        __m128 hi = dot4(g, ROW(4), ROW(5), ROW(6), ROW(7));
+        _mm_storeu_ps(d + k, _mm_add_ps(_mm_loadu_ps(d + k), lo));
+        _mm_storeu_ps(d + k + 4, _mm_add_ps(_mm_loadu_ps(d + k + 4), hi));
+    }
+    for (; k + 4 <= n; k += 4)
+        _mm_storeu_ps(d + k, _mm_add_ps(_mm_loadu_ps(d + k), dot4(g, ROW(0), ROW(1), ROW(2), ROW(3))));
+#undef ROW
+    for (; k < n; ++k) {
+        const float *q0 = r + idx[k] * TP;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        long t = 0;
+        for (; t + 16 <= TP; t += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + t), _mm256_loadu_ps(q0 + t), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(g + t + 8), _mm256_loadu_ps(q0 + t + 8), a1);
+        }
+        for (; t < TP; t += 8)
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + t), _mm256_loadu_ps(q0 + t), a0);
+        d[k] += hsum1(_mm256_add_ps(a0, a1));
+    }
+}
+
+static void free_all(void *a, void *b, void *c, void *d) {
+    free(a);
+    free(b);
+    free(c);
+    free(d);
+}
+
+/* out += v * in over R entries. */
+KERNEL static inline void axpy(long R, float v, const float *restrict in, float *restrict out) {
+    long r = 0;
+    const __m256 vv = _mm256_set1_ps(v);
+    for (; r + 8 <= R; r += 8)
+        _mm256_storeu_ps(out + r, _mm256_fmadd_ps(vv, _mm256_loadu_ps(in + r), _mm256_loadu_ps(out + r)));
+    for (; r < R; ++r) out[r] += v * in[r];
+}
+
+/* outp (P x R) = D vq and outq (Q x R) = D^T vp: column blocks own disjoint rows of outq,
+ * rows p own disjoint rows of outp, so threads split each without partials. */
+static void contract(long P, long Q, long R, long blocks, const long *start, const int32_t *idx,
+                     const float *d, const float *vp, const float *vq, float *outp, float *outq,
+                     int threads) {
+    memset(outp, 0, sizeof(float) * (size_t)(P * R));
+    memset(outq, 0, sizeof(float) * (size_t)(Q * R));
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (long b = 0; b < blocks; ++b)
+            for (long p = 0; p < P; ++p)
+                for (long k = start[b * P + p]; k < start[b * P + p + 1]; ++k)
+                    axpy(R, d[k], vp + p * R, outq + idx[k] * R);
+#pragma omp for schedule(static)
+        for (long p = 0; p < P; ++p)
+            for (long b = 0; b < blocks; ++b)
+                for (long k = start[b * P + p]; k < start[b * P + p + 1]; ++k)
+                    axpy(R, d[k], vq + idx[k] * R, outp + p * R);
+    }
+}
+
+/* The weight gradient on the dropped entries only, contracted with the factors.
+ *
+ *   D_pq   = sum_n zp[n, p] zq[n, q]  for the dropped (p, q), entry index p*sp + q*sq
+ *   outp   = D vq     (P x R)         outq = D^T vp   (Q x R)
+ *
+ * Per chunk of TP tokens both matrices are transposed into panels (token runs of length
+ * TP), so each D_pq is a dot product along tokens. The zq panel is walked in column blocks
+ * of QB (QB x TP floats, 16 KiB, stays in L1) while every row p meets its dropped columns
+ * in that block; the caller puts the narrower matrix in zq so the zp panel stays in L2.
+ * Threads take token ranges with their own D, summed at the end. At drop rate p this is p
+ * of the dense product's multiply-adds. Returns 0, or -1 without memory. */
+int ta_dropped_sums(const float *zp, long P, const float *zq, long Q, long N, long sp, long sq,
+                    uint32_t k0, uint32_t k1, int threshold, const float *vp, const float *vq,
+                    long R, float *outp, float *outq, int threads) {
+    const long blocks = (Q + QB - 1) / QB, lists = blocks * P;
+    const long row_bytes = (Q + 7) / 8;
+    long *start = malloc(sizeof(long) * (size_t)(lists + 1));
+    unsigned char *bits = malloc((size_t)(P * row_bytes));
+    if (!start || !bits) {
+        free_all(start, bits, NULL, NULL);
+        return -1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long p = 0; p < P; ++p)
+        row_drops(p, P, Q, sp, sq, k0, k1, threshold, bits + p * row_bytes, start + 1);
+    start[0] = 0;
+    for (long l = 0; l < lists; ++l) start[l + 1] += start[l];
+    const long nnz = start[lists];
+    int32_t *idx = malloc(sizeof(int32_t) * (size_t)(nnz + 1));
+    float *d = calloc((size_t)threads * (size_t)(nnz + 8), sizeof(float));
+    float *scratch = malloc(sizeof(float) * (size_t)threads * (size_t)((P + Q) * TP));
+    if (!idx || !d || !scratch) {
+        free_all(start, bits, idx, d);
+        free(scratch);
+        return -1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long p = 0; p < P; ++p) row_list(p, P, Q, bits + p * row_bytes, start, idx);
+    free(bits);
+    int used = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        long chunks = (N + TP - 1) / TP, per = (chunks + T - 1) / T;
+        long c0 = t * per, c1 = c0 + per < chunks ? c0 + per : chunks;
+        float *dt = d + (size_t)t * (size_t)(nnz + 8);
+        float *rq = scratch + (size_t)t * (size_t)((P + Q) * TP), *rp = rq + Q * TP;
+        for (long c = c0; c < c1; ++c) {
+            long n0 = c * TP, rows = n0 + TP < N ? TP : N - n0;
+            pack_t(zq + n0 * Q, Q, Q, rows, TP, rq);
+            pack_t(zp + n0 * P, P, P, rows, TP, rp);
+            for (long b = 0; b < blocks; ++b)
+                for (long p = 0; p < P; ++p) {
+                    const long l = b * P + p;
+                    dots(rp + p * TP, rq, idx + start[l], start[l + 1] - start[l], dt + start[l]);
+                }
+        }
+        if (t == 0) used = T;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long k = 0; k < nnz; ++k)
+        for (int t = 1; t < used; ++t) d[k] += d[(size_t)t * (size_t)(nnz + 8) + (size_t)k];
+    contract(P, Q, R, blocks, start, idx, d, vp, vq, outp, outq, threads);
+    free_all(start, idx, d, scratch);
+    return 0;
 }

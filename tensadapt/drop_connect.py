@@ -30,6 +30,9 @@ __all__ = ["draw_key", "threshold", "hashed_keep_mask", "DropConnectLinear"]
 MASK32 = 0xFFFFFFFF
 MIX = (0x7FEB352D, 0x846CA68B)  # the finaliser's two multipliers
 MAX_ENTRIES = 2**32  # entries are indexed by 32-bit counters
+#: up to this drop rate the factor gradients take the dropped entries' sums (p of the dense
+#: product's work, plus thin passes) instead of the dense masked gradient
+SPARSE_MAX_P = 0.25
 
 
 def draw_key() -> torch.Tensor:
@@ -124,10 +127,13 @@ class DropConnectLinear(torch.autograd.Function):
         gx = gbias = ga = gbm = None
         if need_x:
             gx = gy @ weight
+        p, key = ctx.p, ctx.key
+        if (need_a or need_bm) and ctx.fast and sparse_ok(p) and native.usable(gy, x, rank=0):
+            ga, gbm, gbias = _factor_grads_sparse(gy, x, a, bm, p, key, need_bias)
+            return gx, None, gbias, ga, gbm, None, None
         if need_bias:
             gbias = gy.sum(0)
         if need_a or need_bm:
-            p, key = ctx.p, ctx.key
             g = gy.t() @ x  # (out, in): the dense weight gradient
             if ctx.fast and g.is_contiguous():
                 native.drop_grad_(g, keep_scale(p), threshold(p), _ints(key))
@@ -138,3 +144,42 @@ class DropConnectLinear(torch.autograd.Function):
             else:
                 gbm, ga = g @ a.t(), bm.t() @ g
         return gx, None, gbias, ga, gbm, None, None
+
+
+def sparse_ok(p: float) -> bool:
+    """Whether the factor gradients go through the dropped entries (drop rate at most
+    :data:`SPARSE_MAX_P`) rather than the dense masked gradient."""
+    return threshold(p) <= SPARSE_MAX_P * 2**KEEP_BITS
+
+
+def _factor_grads_sparse(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bm: torch.Tensor,
+    p: float,
+    key: torch.Tensor,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``gA = c·Bᵀ(m ⊙ G)`` and ``gB = c·(m ⊙ G)Aᵀ`` for ``G = gyᵀ x``, written as
+    ``m ⊙ G = G − (1 − m) ⊙ G``: the low-rank products ``(gy B)ᵀ x`` and ``gyᵀ (x Aᵀ)``
+    (thin passes) minus the dropped entries' share (:func:`native.dropped_sums`, ``p`` of
+    the dense product's work). The bias gradient ``1ᵀ gy`` rides on the pass over ``gy``."""
+    r = a.shape[0]
+    thin = native.usable(gy, x, rank=r + 1)
+    h = native.rows_times(x, a.t()) if thin else x @ a.t()  # x Aᵀ (N, R)
+    if need_bias:
+        h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+    if thin:
+        gh, g_h = native.grad_pass(gy, bm, h)  # gy B and hᵀ gy in one read of gy
+        ga = native.cols_reduce(gh, x)
+    else:
+        gh, g_h = gy @ bm, h.t() @ gy
+        ga = gh.t() @ x
+    ga_t_drop, gb_drop = native.dropped_sums(
+        gy, x, a.t().contiguous(), bm, threshold(p), _ints(key)
+    )
+    c = keep_scale(p)
+    ga = ga.sub_(ga_t_drop.t()).mul_(c)
+    gbm = g_h[:r].t().sub(gb_drop).mul_(c)
+    return ga, gbm, (g_h[r] if need_bias else None)

@@ -44,6 +44,7 @@ __all__ = [
     "drop_fold",
     "drop_grad_",
     "keep_bytes",
+    "dropped_sums",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ def _load() -> ctypes.CDLL | None:
     lib.ta_drop_grad.restype = None
     lib.ta_keep_mask.argtypes = [ptr, size, u32, u32, i32, i32]
     lib.ta_keep_mask.restype = None
+    lib.ta_dropped_sums.argtypes = [ptr, size, ptr, size, size, size, size, u32, u32, i32]
+    lib.ta_dropped_sums.argtypes += [ptr, ptr, size, ptr, ptr, i32]
+    lib.ta_dropped_sums.restype = ctypes.c_int
     _lib, _state, _reason = lib, "ready", "ready"
     return lib
 
@@ -247,3 +251,28 @@ def keep_bytes(numel: int, threshold: int, key: tuple[int, int]) -> torch.Tensor
     out = torch.empty(numel, dtype=torch.uint8)
     _lib.ta_keep_mask(out.data_ptr(), numel, *key, threshold, _threads())
     return out
+
+
+def dropped_sums(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    a_t: torch.Tensor,
+    b: torch.Tensor,
+    threshold: int,
+    key: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Dᵀ B, D Aᵀ)`` for ``D = (1 − m) ⊙ gyᵀ x``, the weight gradient on the entries the
+    mask of ``key`` drops: ``gy`` (N, out), ``x`` (N, in), ``Aᵀ`` (in, R), ``B`` (out, R), all
+    contiguous float32. Costs the drop rate's share of the dense ``gyᵀ x``."""
+    n, rows = gy.shape
+    cols, r = x.shape[1], b.shape[1]
+    ga_t = x.new_empty(cols, r)
+    gb = x.new_empty(rows, r)
+    if rows >= cols:  # the narrower side is held per token chunk
+        args = (gy, rows, x, cols, n, cols, 1, *key, threshold, b, a_t, r, gb, ga_t)
+    else:
+        args = (x, cols, gy, rows, n, 1, cols, *key, threshold, a_t, b, r, ga_t, gb)
+    ptrs = [t.data_ptr() if isinstance(t, torch.Tensor) else t for t in args]
+    if _lib.ta_dropped_sums(*ptrs, _threads()) != 0:
+        raise MemoryError(f"dropped-entry sums: no scratch memory for {rows} × {cols}")
+    return ga_t, gb

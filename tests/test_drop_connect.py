@@ -67,6 +67,28 @@ def test_native_mask_kernels_match_the_torch_mask(key, p):
     assert torch.equal(folded.bool(), torch_mask(rows * cols, p, key).view(rows, cols))
 
 
+@pytest.mark.parametrize(
+    "n, rows, cols, r",
+    [(2080, 1152, 384, 8), (70, 384, 1536, 8), (100, 37, 29, 3), (65, 130, 200, 20), (33, 9, 8, 1)],
+)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 1.0])
+def test_dropped_sums_match_the_dense_oracle(n, rows, cols, r, p):
+    """``dropped_sums`` = ``(Dᵀ B, D Aᵀ)`` with ``D = (1 − m) ⊙ gyᵀ x`` in float64, for both
+    orientations (taller and wider matrices), token counts off the chunk size, widths off
+    the 8-lane and column-block sizes, and no or every entry dropped."""
+    needs_native_lib()
+    gen = torch.Generator().manual_seed(n + rows)
+    gy, x = torch.randn(n, rows, generator=gen), torch.randn(n, cols, generator=gen)
+    a_t, b = torch.randn(cols, r, generator=gen), torch.randn(rows, r, generator=gen)
+    key = (0x2468ACE0, 0x13579BDF)
+    dropped = ~torch_mask(rows * cols, p, key).view(rows, cols)
+    d = (gy.double().t() @ x.double()) * dropped
+    ga_t, gb = native.dropped_sums(gy, x, a_t, b, dc.threshold(p), key)
+    for got, want in ((ga_t, d.t() @ b.double()), (gb, d @ a_t.double())):
+        assert got.shape == want.shape
+        assert (got.double() - want).abs().max() <= 1e-5 * max(want.abs().max(), 1.0)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_hashed_mask_law(p):
     """Bernoulli(1 − p′): the kept fraction within 5 σ; neighbours along rows and along
@@ -136,9 +158,12 @@ def test_drop_connect_linear_gradcheck_and_dense_oracle(with_bias):
 
 @pytest.mark.parametrize("shape", [(64, 8), (67, 13), (1152, 384), (96, 1537)])
 @pytest.mark.parametrize("r", [1, 8, 13])
-def test_native_and_pytorch_forms_agree_with_float64(shape, r, native_off):
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_native_and_pytorch_forms_agree_with_float64(shape, r, p, native_off):
     """Float32 with native code, float32 without it, and the float64 oracle: same output and
-    gradients to float32 rounding, under the same mask."""
+    gradients to float32 rounding, under the same mask. At ``p = 0.1`` the native factor
+    gradients go through the dropped entries' sums, at ``0.5`` through the dense masked
+    gradient."""
     needs_native_lib()
     d_out, d_in = shape
     gen = torch.Generator().manual_seed(r)
@@ -147,10 +172,11 @@ def test_native_and_pytorch_forms_agree_with_float64(shape, r, native_off):
     bias = torch.randn(d_out, generator=gen).requires_grad_()
     a = torch.randn(r, d_in, generator=gen).requires_grad_()
     bm = torch.randn(d_out, r, generator=gen).requires_grad_()
-    p, key = 0.25, torch.tensor([99, 7])
+    key = torch.tensor([99, 7])
     gy = torch.randn(80, d_out, generator=gen)
     leaves = (x, bias, a, bm)
     assert dc._native_ok(w, a.detach(), bm.detach())
+    assert dc.sparse_ok(p) == (p < 0.25)
 
     def run():
         out = dc.DropConnectLinear.apply(x, w, bias, a, bm, p, key)
@@ -202,17 +228,22 @@ def test_cara_training_takes_the_drop_connect_path_and_matches_the_general_path(
     assert_path_matches_general_path(am, "_forward_drop_connect", after=every_layer_took_it)
 
 
-def test_cara_float32_step_runs_native_and_matches_pytorch(monkeypatch, native_off):
-    """Widths of 64 and more reach the native passes (fold, masked gradient, grad pass)."""
+@pytest.mark.parametrize("sparse", [True, False])
+def test_cara_float32_step_runs_native_and_matches_pytorch(sparse, monkeypatch, native_off):
+    """Widths of 64 and more reach the native passes: the fold, then for the factor
+    gradients either the dropped entries' sums (CaRA's ``p = 0.1``) or the masked dense
+    gradient (drop rates above :data:`~tensadapt.drop_connect.SPARSE_MAX_P`)."""
     needs_native_lib()
+    if not sparse:
+        monkeypatch.setattr(dc, "SPARSE_MAX_P", 0.0)
     am = cara_model(64, torch.float32)
-    calls = {"drop_fold": 0, "drop_grad_": 0}
+    calls = {"drop_fold": 0, "drop_grad_": 0, "dropped_sums": 0}
     for fn in calls:
         real = getattr(native, fn)
         monkeypatch.setattr(
             native, fn, lambda *a, f=real, k=fn: calls.__setitem__(k, calls[k] + 1) or f(*a)
         )
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(16, 3, 16, 16)  # 80 tokens: enough for the native passes
 
     def run():
         am.zero_grad()
@@ -222,7 +253,9 @@ def test_cara_float32_step_runs_native_and_matches_pytorch(monkeypatch, native_o
         return out.detach(), {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
 
     fast_out, fast_grads = run()
-    assert calls["drop_fold"] == len(am.adapted_layers) == calls["drop_grad_"]
+    layers = len(am.adapted_layers)
+    assert calls["drop_fold"] == layers
+    assert (calls["dropped_sums"], calls["drop_grad_"]) == ((layers, 0) if sparse else (0, layers))
     with native_off():
         slow_out, slow_grads = run()
     torch.testing.assert_close(fast_out, slow_out, rtol=1e-4, atol=1e-4)
