@@ -11,9 +11,8 @@
  *   ta_drop_fold:  out = W + c * (m (.) B A)     one pass; B A formed in registers
  *   ta_drop_grad:  g   = c * (m (.) g)           in place
  *   ta_keep_mask:  the mask m as bytes           (for paths that do not fold)
- *   ta_dropped_sums: the weight gradient on the dropped entries only, contracted with the
- *                  factors: with it, B^T (m (.) G) = B^T G - B^T ((1 - m) (.) G) costs
- *                  thin passes plus p of the dense product G = gy^T x
+ *   ta_drop_factor_grads: gA = c B^T (m (.) G), gB = c (m (.) G) A^T for G = gy^T x,
+ *                  as thin passes minus the dropped entries' share: p of the dense G
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -322,20 +321,61 @@ static void contract(long P, long Q, long R, long blocks, const long *start, con
     }
 }
 
-/* The weight gradient on the dropped entries only, contracted with the factors.
+void ta_rows_range(const float *z, long M, const float *packed, long R, float *out, long n0,
+                   long n1);
+void ta_cols_range(const float *u, long R, const float *z, long M, float *G, long n0, long n1);
+
+/* What one thread accumulates over its token chunks. */
+struct partials {
+    float *d;           /* the dropped entries' sums, nnz */
+    float *ga, *gb, *gbias; /* gh^T x (R x K), h^T gy (R x M), 1^T gy (M) */
+    float *h, *gh;      /* x A^T and gy B on the chunk, TP x R */
+    float *rq, *rp;     /* the chunk's transposed panels, Q x TP and P x TP */
+};
+
+/* Bump allocation of one thread's partials from a zeroed block. */
+static struct partials carve(float *block, long nnz, long R, long K, long M, long Q) {
+    struct partials s;
+    s.d = block;
+    s.ga = s.d + nnz + 8;
+    s.gb = s.ga + R * K;
+    s.gbias = s.gb + R * M;
+    s.h = s.gbias + M;
+    s.gh = s.h + TP * R;
+    s.rq = s.gh + TP * R;
+    s.rp = s.rq + Q * TP;
+    return s;
+}
+
+static long partial_floats(long nnz, long R, long K, long M, long P, long Q) {
+    return nnz + 8 + R * K + R * M + M + 2 * TP * R + (P + Q) * TP;
+}
+
+/* The factor gradients of DropConnect on a low-rank update, y = x (W + c (m (.) B A))^T:
  *
- *   D_pq   = sum_n zp[n, p] zq[n, q]  for the dropped (p, q), entry index p*sp + q*sq
- *   outp   = D vq     (P x R)         outq = D^T vp   (Q x R)
+ *   gA = c B^T (m (.) G),  gB = c (m (.) G) A^T,  G = gy^T x  (out x in)
  *
- * Per chunk of TP tokens both matrices are transposed into panels (token runs of length
- * TP), so each D_pq is a dot product along tokens. The zq panel is walked in column blocks
- * of QB (QB x TP floats, 16 KiB, stays in L1) while every row p meets its dropped columns
- * in that block; the caller puts the narrower matrix in zq so the zp panel stays in L2.
- * Threads take token ranges with their own D, summed at the end. At drop rate p this is p
- * of the dense product's multiply-adds. Returns 0, or -1 without memory. */
-int ta_dropped_sums(const float *zp, long P, const float *zq, long Q, long N, long sp, long sq,
-                    uint32_t k0, uint32_t k1, int threshold, const float *vp, const float *vq,
-                    long R, float *outp, float *outq, int threads) {
+ * computed as m (.) G = G - (1 - m) (.) G. The first term gives the low-rank products
+ * gh^T x and h^T gy (h = x A^T, gh = gy B); the second needs G only on the dropped
+ * entries, D_pq = sum_n zp[n, p] zq[n, q]: p of the dense product's multiply-adds. Both
+ * run chunk by chunk over the tokens, so x and gy are read from memory once.
+ *
+ * Per chunk of TP tokens, (zp, zq) = (gy, x), or (x, gy) when x is the wider, are
+ * transposed into panels (token runs of length TP), so each D_pq is a dot product along
+ * tokens; the zq panel is walked in column blocks of QB (QB x TP floats, 16 KiB, stays in
+ * L1) while every row p meets its dropped columns in that block. Threads take token ranges
+ * with their own partials, summed at the end.
+ *
+ * gy (N x M), x (N x K), a_t = A^T (K x R), b = B (M x R); pa, pb the same packed for the
+ * thin passes (thin_passes.c). Writes ga (R x K), gb (M x R) and, unless NULL, gbias (M).
+ * Returns 0, or -1 without memory. */
+int ta_drop_factor_grads(const float *gy, long M, const float *x, long K, long N,
+                         const float *a_t, const float *b, long R, const float *pa,
+                         const float *pb, float c, uint32_t k0, uint32_t k1, int threshold,
+                         float *ga, float *gb, float *gbias, int threads) {
+    const int wide = M >= K; /* gy is zp, x is zq */
+    const float *zp = wide ? gy : x, *zq = wide ? x : gy;
+    const long P = wide ? M : K, Q = wide ? K : M, sp = wide ? K : 1, sq = wide ? 1 : K;
     const long blocks = (Q + QB - 1) / QB, lists = blocks * P;
     const long row_bytes = (Q + 7) / 8;
     long *start = malloc(sizeof(long) * (size_t)(lists + 1));
@@ -349,13 +389,13 @@ int ta_dropped_sums(const float *zp, long P, const float *zq, long Q, long N, lo
         row_drops(p, P, Q, sp, sq, k0, k1, threshold, bits + p * row_bytes, start + 1);
     start[0] = 0;
     for (long l = 0; l < lists; ++l) start[l + 1] += start[l];
-    const long nnz = start[lists];
+    const long nnz = start[lists], per_thread = partial_floats(nnz, R, K, M, P, Q);
     int32_t *idx = malloc(sizeof(int32_t) * (size_t)(nnz + 1));
-    float *d = calloc((size_t)threads * (size_t)(nnz + 8), sizeof(float));
-    float *scratch = malloc(sizeof(float) * (size_t)threads * (size_t)((P + Q) * TP));
-    if (!idx || !d || !scratch) {
-        free_all(start, bits, idx, d);
-        free(scratch);
+    float *block = calloc((size_t)threads * (size_t)per_thread, sizeof(float));
+    float *drop = malloc(sizeof(float) * (size_t)((K + M) * R));
+    if (!idx || !block || !drop) {
+        free_all(start, bits, idx, block);
+        free(drop);
         return -1;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -367,24 +407,41 @@ int ta_dropped_sums(const float *zp, long P, const float *zq, long Q, long N, lo
         int t = omp_get_thread_num(), T = omp_get_num_threads();
         long chunks = (N + TP - 1) / TP, per = (chunks + T - 1) / T;
         long c0 = t * per, c1 = c0 + per < chunks ? c0 + per : chunks;
-        float *dt = d + (size_t)t * (size_t)(nnz + 8);
-        float *rq = scratch + (size_t)t * (size_t)((P + Q) * TP), *rp = rq + Q * TP;
-        for (long c = c0; c < c1; ++c) {
-            long n0 = c * TP, rows = n0 + TP < N ? TP : N - n0;
-            pack_t(zq + n0 * Q, Q, Q, rows, TP, rq);
-            pack_t(zp + n0 * P, P, P, rows, TP, rp);
-            for (long b = 0; b < blocks; ++b)
+        struct partials s = carve(block + (size_t)t * (size_t)per_thread, nnz, R, K, M, Q);
+        for (long ch = c0; ch < c1; ++ch) {
+            const long n0 = ch * TP, rows = n0 + TP < N ? TP : N - n0;
+            const float *xc = x + n0 * K, *gyc = gy + n0 * M;
+            ta_rows_range(xc, K, pa, R, s.h, 0, rows);
+            ta_rows_range(gyc, M, pb, R, s.gh, 0, rows);
+            ta_cols_range(s.gh, R, xc, K, s.ga, 0, rows);
+            ta_cols_range(s.h, R, gyc, M, s.gb, 0, rows);
+            if (gbias != NULL)
+                for (long n = 0; n < rows; ++n)
+                    for (long m = 0; m < M; ++m) s.gbias[m] += gyc[n * M + m];
+            pack_t(zq + n0 * Q, Q, Q, rows, TP, s.rq);
+            pack_t(zp + n0 * P, P, P, rows, TP, s.rp);
+            for (long bl = 0; bl < blocks; ++bl)
                 for (long p = 0; p < P; ++p) {
-                    const long l = b * P + p;
-                    dots(rp + p * TP, rq, idx + start[l], start[l + 1] - start[l], dt + start[l]);
+                    const long l = bl * P + p;
+                    dots(s.rp + p * TP, s.rq, idx + start[l], start[l + 1] - start[l], s.d + start[l]);
                 }
         }
         if (t == 0) used = T;
     }
+    /* sum the partials into thread 0's: they are laid out alike, up to the panels */
+    const long summed = per_thread - (P + Q) * TP - 2 * TP * R;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long k = 0; k < nnz; ++k)
-        for (int t = 1; t < used; ++t) d[k] += d[(size_t)t * (size_t)(nnz + 8) + (size_t)k];
-    contract(P, Q, R, blocks, start, idx, d, vp, vq, outp, outq, threads);
-    free_all(start, idx, d, scratch);
+    for (long k = 0; k < summed; ++k)
+        for (int t = 1; t < used; ++t) block[k] += block[(size_t)t * (size_t)per_thread + (size_t)k];
+    struct partials s = carve(block, nnz, R, K, M, Q);
+    float *da_t = drop, *db = drop + K * R; /* D^T B (K x R) and D A^T (M x R) */
+    contract(P, Q, R, blocks, start, idx, s.d, wide ? b : a_t, wide ? a_t : b, wide ? db : da_t,
+             wide ? da_t : db, threads);
+    for (long r = 0; r < R; ++r)
+        for (long k = 0; k < K; ++k) ga[r * K + k] = c * (s.ga[r * K + k] - da_t[k * R + r]);
+    for (long m = 0; m < M; ++m)
+        for (long r = 0; r < R; ++r) gb[m * R + r] = c * (s.gb[r * M + m] - db[m * R + r]);
+    if (gbias != NULL) memcpy(gbias, s.gbias, sizeof(float) * (size_t)M);
+    free_all(start, idx, block, drop);
     return 0;
 }

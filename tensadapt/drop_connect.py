@@ -14,8 +14,12 @@ backward pass draws it again instead of storing it.
 :class:`DropConnectLinear` is the path for an update of the form ``ΔW = B A`` (rank ``R``):
 ``W′ = W + s·c·(m ⊙ B A)`` is formed in one pass (native code for float32 on CPU), the forward
 and the input gradient each make one matmul with ``W′``, and the factor gradients contract the
-masked weight gradient ``G = c·(m ⊙ gyᵀ x)`` as ``gA = Bᵀ G`` and ``gB = G Aᵀ``. ``gyᵀ x`` is
-the dense weight gradient of full fine-tuning: DropConnect's floor.
+masked weight gradient ``G = c·(m ⊙ gyᵀ x)`` as ``gA = Bᵀ G`` and ``gB = G Aᵀ``. Written as
+``m ⊙ gyᵀ x = gyᵀ x − (1 − m) ⊙ gyᵀ x``, they are the low-rank products ``(gy B)ᵀ x`` and
+``gyᵀ (x Aᵀ)`` minus the dropped entries' share, which needs ``gyᵀ x`` only where the mask
+drops: ``p`` of the dense weight gradient of full fine-tuning
+(:func:`~tensadapt.native.drop_factor_grads`, for ``p ≤`` :data:`SPARSE_MAX_P`). Above that
+rate, or without the native library, the dense masked gradient is formed.
 """
 
 from __future__ import annotations
@@ -129,7 +133,10 @@ class DropConnectLinear(torch.autograd.Function):
             gx = gy @ weight
         p, key = ctx.p, ctx.key
         if (need_a or need_bm) and ctx.fast and sparse_ok(p) and native.usable(gy, x, rank=0):
-            ga, gbm, gbias = _factor_grads_sparse(gy, x, a, bm, p, key, need_bias)
+            # m ⊙ G = G − (1 − m) ⊙ G: thin passes minus the dropped entries' share
+            ga, gbm, gbias = native.drop_factor_grads(
+                gy, x, a, bm, keep_scale(p), threshold(p), _ints(key), need_bias
+            )
             return gx, None, gbias, ga, gbm, None, None
         if need_bias:
             gbias = gy.sum(0)
@@ -150,36 +157,3 @@ def sparse_ok(p: float) -> bool:
     """Whether the factor gradients go through the dropped entries (drop rate at most
     :data:`SPARSE_MAX_P`) rather than the dense masked gradient."""
     return threshold(p) <= SPARSE_MAX_P * 2**KEEP_BITS
-
-
-def _factor_grads_sparse(
-    gy: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    bm: torch.Tensor,
-    p: float,
-    key: torch.Tensor,
-    need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``gA = c·Bᵀ(m ⊙ G)`` and ``gB = c·(m ⊙ G)Aᵀ`` for ``G = gyᵀ x``, written as
-    ``m ⊙ G = G − (1 − m) ⊙ G``: the low-rank products ``(gy B)ᵀ x`` and ``gyᵀ (x Aᵀ)``
-    (thin passes) minus the dropped entries' share (:func:`native.dropped_sums`, ``p`` of
-    the dense product's work). The bias gradient ``1ᵀ gy`` rides on the pass over ``gy``."""
-    r = a.shape[0]
-    thin = native.usable(gy, x, rank=r + 1)
-    h = native.rows_times(x, a.t()) if thin else x @ a.t()  # x Aᵀ (N, R)
-    if need_bias:
-        h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
-    if thin:
-        gh, g_h = native.grad_pass(gy, bm, h)  # gy B and hᵀ gy in one read of gy
-        ga = native.cols_reduce(gh, x)
-    else:
-        gh, g_h = gy @ bm, h.t() @ gy
-        ga = gh.t() @ x
-    ga_t_drop, gb_drop = native.dropped_sums(
-        gy, x, a.t().contiguous(), bm, threshold(p), _ints(key)
-    )
-    c = keep_scale(p)
-    ga = ga.sub_(ga_t_drop.t()).mul_(c)
-    gbm = g_h[:r].t().sub(gb_drop).mul_(c)
-    return ga, gbm, (g_h[r] if need_bias else None)

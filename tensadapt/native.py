@@ -8,9 +8,11 @@ read of the activation, yet CPU BLAS runs these shapes at about half that speed 
 read together (:func:`grad_pass`).
 
 ``drop_connect.c`` applies DropConnect to a low-rank update while folding it into the
-frozen weight (:func:`drop_fold`), masks the weight gradient the same way (:func:`drop_grad_`)
-and gives the mask itself (:func:`keep_bytes`); the mask is a keyed hash of each entry's
-index (:mod:`tensadapt.drop_connect`), so it is drawn again instead of stored.
+frozen weight (:func:`drop_fold`), gives the factor gradients from thin passes and the
+dropped entries' dot products in one read of ``x`` and ``gy`` (:func:`drop_factor_grads`),
+masks a dense weight gradient (:func:`drop_grad_`) and gives the mask itself
+(:func:`keep_bytes`); the mask is a keyed hash of each entry's index
+(:mod:`tensadapt.drop_connect`), so it is drawn again instead of stored.
 
 The C files are compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$TENSADAPT_CACHE`` (default ``~/.cache/tensadapt``), keyed by the sources' hash, and loaded
@@ -44,7 +46,7 @@ __all__ = [
     "drop_fold",
     "drop_grad_",
     "keep_bytes",
-    "dropped_sums",
+    "drop_factor_grads",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,9 +132,9 @@ def _load() -> ctypes.CDLL | None:
     lib.ta_drop_grad.restype = None
     lib.ta_keep_mask.argtypes = [ptr, size, u32, u32, i32, i32]
     lib.ta_keep_mask.restype = None
-    lib.ta_dropped_sums.argtypes = [ptr, size, ptr, size, size, size, size, u32, u32, i32]
-    lib.ta_dropped_sums.argtypes += [ptr, ptr, size, ptr, ptr, i32]
-    lib.ta_dropped_sums.restype = ctypes.c_int
+    lib.ta_drop_factor_grads.argtypes = [ptr, size, ptr, size, size, ptr, ptr, size, ptr, ptr]
+    lib.ta_drop_factor_grads.argtypes += [ctypes.c_float, u32, u32, i32, ptr, ptr, ptr, i32]
+    lib.ta_drop_factor_grads.restype = ctypes.c_int
     _lib, _state, _reason = lib, "ready", "ready"
     return lib
 
@@ -253,26 +255,34 @@ def keep_bytes(numel: int, threshold: int, key: tuple[int, int]) -> torch.Tensor
     return out
 
 
-def dropped_sums(
+def drop_factor_grads(
     gy: torch.Tensor,
     x: torch.Tensor,
-    a_t: torch.Tensor,
+    a: torch.Tensor,
     b: torch.Tensor,
+    c: float,
     threshold: int,
     key: tuple[int, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Dᵀ B, D Aᵀ)`` for ``D = (1 − m) ⊙ gyᵀ x``, the weight gradient on the entries the
-    mask of ``key`` drops: ``gy`` (N, out), ``x`` (N, in), ``Aᵀ`` (in, R), ``B`` (out, R), all
-    contiguous float32. Costs the drop rate's share of the dense ``gyᵀ x``."""
+    bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(gA, gB, gbias)`` of DropConnect on ``ΔW = B A``: ``gA = c·Bᵀ(m ⊙ G)``,
+    ``gB = c·(m ⊙ G)Aᵀ`` for ``G = gyᵀ x``, and ``1ᵀ gy`` when ``bias``. ``gy`` (N, out),
+    ``x`` (N, in), ``A`` (R, in), ``B`` (out, R) contiguous float32; ``m`` the keep mask of
+    ``key``. Thin passes and the dropped entries' dot products in one read of ``x`` and
+    ``gy``: the drop rate's share of the dense ``gyᵀ x``."""
     n, rows = gy.shape
-    cols, r = x.shape[1], b.shape[1]
-    ga_t = x.new_empty(cols, r)
+    cols, r = x.shape[1], a.shape[0]
+    a_t = a.detach().t().contiguous()
+    b = b.detach()
+    ga = x.new_empty(r, cols)
     gb = x.new_empty(rows, r)
-    if rows >= cols:  # the narrower side is held per token chunk
-        args = (gy, rows, x, cols, n, cols, 1, *key, threshold, b, a_t, r, gb, ga_t)
-    else:
-        args = (x, cols, gy, rows, n, 1, cols, *key, threshold, a_t, b, r, ga_t, gb)
-    ptrs = [t.data_ptr() if isinstance(t, torch.Tensor) else t for t in args]
-    if _lib.ta_dropped_sums(*ptrs, _threads()) != 0:
-        raise MemoryError(f"dropped-entry sums: no scratch memory for {rows} × {cols}")
-    return ga_t, gb
+    gbias = x.new_empty(rows) if bias else None
+    pa, pb = pack(a_t), pack(b)  # held until the call returns
+    status = _lib.ta_drop_factor_grads(
+        gy.data_ptr(), rows, x.data_ptr(), cols, n, a_t.data_ptr(), b.data_ptr(), r,
+        pa.data_ptr(), pb.data_ptr(), c, *key, threshold, ga.data_ptr(),
+        gb.data_ptr(), gbias.data_ptr() if bias else None, _threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"DropConnect factor gradients: no scratch memory for {rows} × {cols}")
+    return ga, gb, gbias

@@ -123,6 +123,16 @@ static void sum_partials(float *G, float *extra, int T, long size) {
     }
 }
 
+/* Token-range forms for other kernels in this library (drop_connect.c). */
+void ta_rows_range(const float *z, long M, const float *packed, long R, float *out, long n0,
+                   long n1) {
+    rows_times(z, M, packed, R, out, n0, n1);
+}
+
+void ta_cols_range(const float *u, long R, const float *z, long M, float *G, long n0, long n1) {
+    cols_reduce(u, R, z, M, G, n0, n1);
+}
+
 void ta_rows_times(const float *z, long N, long M, const float *packed, long R, float *out,
                    int threads) {
 #pragma omp parallel num_threads(threads)

@@ -72,21 +72,27 @@ def test_native_mask_kernels_match_the_torch_mask(key, p):
     [(2080, 1152, 384, 8), (70, 384, 1536, 8), (100, 37, 29, 3), (65, 130, 200, 20), (33, 9, 8, 1)],
 )
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 1.0])
-def test_dropped_sums_match_the_dense_oracle(n, rows, cols, r, p):
-    """``dropped_sums`` = ``(Dᵀ B, D Aᵀ)`` with ``D = (1 − m) ⊙ gyᵀ x`` in float64, for both
-    orientations (taller and wider matrices), token counts off the chunk size, widths off
-    the 8-lane and column-block sizes, and no or every entry dropped."""
+def test_drop_factor_grads_match_the_dense_oracle(n, rows, cols, r, p):
+    """``drop_factor_grads`` = ``c·Bᵀ(m ⊙ gyᵀ x)``, ``c·(m ⊙ gyᵀ x)Aᵀ`` and ``1ᵀ gy`` in
+    float64, for both orientations (taller and wider matrices), token counts off the chunk
+    size, widths off the 8-lane and column-block sizes, and no or every entry dropped."""
     needs_native_lib()
     gen = torch.Generator().manual_seed(n + rows)
     gy, x = torch.randn(n, rows, generator=gen), torch.randn(n, cols, generator=gen)
-    a_t, b = torch.randn(cols, r, generator=gen), torch.randn(rows, r, generator=gen)
-    key = (0x2468ACE0, 0x13579BDF)
-    dropped = ~torch_mask(rows * cols, p, key).view(rows, cols)
-    d = (gy.double().t() @ x.double()) * dropped
-    ga_t, gb = native.dropped_sums(gy, x, a_t, b, dc.threshold(p), key)
-    for got, want in ((ga_t, d.t() @ b.double()), (gb, d @ a_t.double())):
+    a, b = torch.randn(r, cols, generator=gen), torch.randn(rows, r, generator=gen)
+    key, c = (0x2468ACE0, 0x13579BDF), 1.25
+    keep = torch_mask(rows * cols, p, key).view(rows, cols)
+    full = c * (gy.double().t() @ x.double())
+    g = full * keep
+    ga, gb, gbias = native.drop_factor_grads(gy, x, a, b, c, dc.threshold(p), key, True)
+    wants = (b.double().t() @ g, g @ a.double().t(), gy.double().sum(0))
+    # the kept share is the unmasked product minus the dropped share: rounding scales with
+    # the unmasked product (at p = 1 the result is 0 up to that rounding)
+    scales = (b.double().t() @ full, full @ a.double().t(), wants[2])
+    for got, want, scale in zip((ga, gb, gbias), wants, scales):
         assert got.shape == want.shape
-        assert (got.double() - want).abs().max() <= 1e-5 * max(want.abs().max(), 1.0)
+        assert (got.double() - want).abs().max() <= 1e-5 * max(scale.abs().max(), 1.0)
+    assert native.drop_factor_grads(gy, x, a, b, c, dc.threshold(p), key, False)[2] is None
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -237,7 +243,7 @@ def test_cara_float32_step_runs_native_and_matches_pytorch(sparse, monkeypatch, 
     if not sparse:
         monkeypatch.setattr(dc, "SPARSE_MAX_P", 0.0)
     am = cara_model(64, torch.float32)
-    calls = {"drop_fold": 0, "drop_grad_": 0, "dropped_sums": 0}
+    calls = {"drop_fold": 0, "drop_grad_": 0, "drop_factor_grads": 0}
     for fn in calls:
         real = getattr(native, fn)
         monkeypatch.setattr(
@@ -255,7 +261,9 @@ def test_cara_float32_step_runs_native_and_matches_pytorch(sparse, monkeypatch, 
     fast_out, fast_grads = run()
     layers = len(am.adapted_layers)
     assert calls["drop_fold"] == layers
-    assert (calls["dropped_sums"], calls["drop_grad_"]) == ((layers, 0) if sparse else (0, layers))
+    assert (calls["drop_factor_grads"], calls["drop_grad_"]) == (
+        (layers, 0) if sparse else (0, layers)
+    )
     with native_off():
         slow_out, slow_grads = run()
     torch.testing.assert_close(fast_out, slow_out, rtol=1e-4, atol=1e-4)
