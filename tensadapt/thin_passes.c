@@ -10,7 +10,10 @@
  * Each pass is bound by the read of z; CPU BLAS runs these shapes well below that speed.
  * P arrives packed as (ceil(R / 8), M, 8), zero padded, so each token row of z meets one
  * 8-wide panel row per column of z. Reductions accumulate per-thread partials over token
- * ranges, then sum them. Only built and called where the CPU reports AVX2 and FMA.
+ * ranges, then sum them. Both passes prefetch the rows AHEAD token rows on: an activation
+ * saved in the forward is out of cache by the backward, and the hardware prefetcher alone
+ * left the passes at half their in-cache speed. Only built and called where the CPU reports
+ * AVX2 and FMA.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -18,7 +21,10 @@
 #include <string.h>
 
 #define KERNEL __attribute__((target("avx2,fma")))
-#define ROW_BLOCK 8
+#define ROW_BLOCK 8 /* tokens per block of the reductions */
+#define ROWS 8   /* token rows per block of z P */
+#define LINE 16  /* floats per cache line */
+#define AHEAD 8  /* rows prefetched ahead: a cold activation otherwise halves the pass's speed */
 
 int ta_cpu_ok(void) {
     __builtin_cpu_init();
@@ -35,28 +41,31 @@ KERNEL static inline void store_cols(float *dst, __m256 v, long cols) {
     }
 }
 
-/* out[n, :R] = z[n, :M] P for n in [n0, n1); P packed (groups, M, 8). */
+/* out[n, :R] = z[n, :M] P for n in [n0, n1); P packed (groups, M, 8). Eight token rows at
+ * a time: eight independent FMA chains share each panel load. */
 KERNEL static void rows_times(const float *z, long M, const float *packed, long R, float *out,
                               long n0, long n1) {
     const long groups = (R + 7) / 8;
     long n = n0;
-    for (; n + 4 <= n1; n += 4) {
+    for (; n + ROWS <= n1; n += ROWS) {
         const float *z0 = z + n * M;
+        const char *ahead = (const char *)(z0 + AHEAD * M);
         for (long g = 0; g < groups; ++g) {
             const float *p = packed + g * M * 8;
-            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-            for (long m = 0; m < M; ++m) {
-                __m256 pm = _mm256_loadu_ps(p + m * 8);
-                c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(z0 + m), pm, c0);
-                c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(z0 + M + m), pm, c1);
-                c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(z0 + 2 * M + m), pm, c2);
-                c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(z0 + 3 * M + m), pm, c3);
+            __m256 c[ROWS];
+            for (int i = 0; i < ROWS; ++i) c[i] = _mm256_setzero_ps();
+            for (long m = 0; m < M; m += LINE) {
+                const long end = m + LINE < M ? m + LINE : M;
+                if (g == 0)
+                    for (int i = 0; i < ROWS; ++i)
+                        _mm_prefetch(ahead + (i * M + m) * sizeof(float), _MM_HINT_T0);
+                for (long q = m; q < end; ++q) {
+                    const __m256 pq = _mm256_loadu_ps(p + q * 8);
+                    for (int i = 0; i < ROWS; ++i)
+                        c[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(z0 + i * M + q), pq, c[i]);
+                }
             }
-            long cols = R - g * 8;
-            store_cols(out + n * R + g * 8, c0, cols);
-            store_cols(out + (n + 1) * R + g * 8, c1, cols);
-            store_cols(out + (n + 2) * R + g * 8, c2, cols);
-            store_cols(out + (n + 3) * R + g * 8, c3, cols);
+            for (int i = 0; i < ROWS; ++i) store_cols(out + (n + i) * R + g * 8, c[i], R - g * 8);
         }
     }
     for (; n < n1; ++n) {
@@ -71,38 +80,79 @@ KERNEL static void rows_times(const float *z, long M, const float *packed, long 
     }
 }
 
-/* G[r, m] += sum_{n in [n0, n1)} u[n, r] z[n, m]; u rows of stride R. */
+/* G[r0 + j, m + 8 s + l] += sum_{n in [n0, n1)} u[n, r0 + j] z[n, m + 8 s + l] for j < RR,
+ * s < S, l < 8: RR x S accumulators stay in registers over the whole token range, so G is read
+ * and written once per range and each token costs S loads of z and RR broadcasts of u. With
+ * `ahead`, also prefetches the same columns of the next range's rows. */
+KERNEL static inline __attribute__((always_inline)) void cols_tile(
+    const float *u, long R, long r0, const int RR, const float *z, long M, long m, const int S,
+    float *G, long n0, long n1, int ahead) {
+    /* named accumulators: an array of them ends up on the stack */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+    for (long n = n0; n < n1; ++n) {
+        const float *zn = z + n * M + m, *un = u + n * R + r0;
+        if (ahead) _mm_prefetch((const char *)(zn + (n1 - n0) * M), _MM_HINT_T0);
+        const __m256 z0 = _mm256_loadu_ps(zn);
+        const __m256 z1 = S > 1 ? _mm256_loadu_ps(zn + 8) : z0;
+#define ACC(j)                                                    \
+    if (RR > j) {                                                 \
+        const __m256 uj = _mm256_broadcast_ss(un + j);            \
+        a##j = _mm256_fmadd_ps(uj, z0, a##j);                     \
+        if (S > 1) b##j = _mm256_fmadd_ps(uj, z1, b##j);          \
+    }
+        ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
+#undef ACC
+    }
+    float *g = G + r0 * M + m;
+#define OUT(j)                                                                               \
+    if (RR > j) {                                                                            \
+        _mm256_storeu_ps(g + j * M, _mm256_add_ps(_mm256_loadu_ps(g + j * M), a##j));          \
+        if (S > 1) _mm256_storeu_ps(g + j * M + 8, _mm256_add_ps(_mm256_loadu_ps(g + j * M + 8), b##j)); \
+    }
+    OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
+#undef OUT
+}
+
+/* cols_tile with its row count and strip count as constants (1 to 6 rows, 1 or 2 strips). */
+KERNEL static void cols_strip(const float *u, long R, long r0, int RR, const float *z, long M,
+                              long m, int S, float *G, long n0, long n1, int ahead) {
+#define TILE(rr)                                                                   \
+    case rr:                                                                       \
+        if (S == 2)                                                                \
+            cols_tile(u, R, r0, rr, z, M, m, 2, G, n0, n1, ahead);                 \
+        else                                                                       \
+            cols_tile(u, R, r0, rr, z, M, m, 1, G, n0, n1, ahead);                 \
+        break;
+    switch (RR) {
+        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+    }
+#undef TILE
+}
+
+/* G[r, m] += sum_{n in [n0, n1)} u[n, r] z[n, m]; u rows of stride R. Per block of ROW_BLOCK
+ * tokens, the rows of G go in groups of at most 6 and its columns in strips of 16, each
+ * group x strip a register tile over the block; the first group prefetches the next block. */
 KERNEL static void cols_reduce(const float *u, long R, const float *z, long M, float *G, long n0,
                                long n1) {
-    long n = n0;
-    for (; n + ROW_BLOCK <= n1; n += ROW_BLOCK) {
-        const float *zn = z + n * M, *un = u + n * R;
+    const long groups = (R + 5) / 6;
+    for (long nb = n0; nb < n1; nb += ROW_BLOCK) {
+        const long ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
         long m = 0;
-        for (; m + 8 <= M; m += 8) {
-            __m256 z0 = _mm256_loadu_ps(zn + m), z1 = _mm256_loadu_ps(zn + M + m);
-            __m256 z2 = _mm256_loadu_ps(zn + 2 * M + m), z3 = _mm256_loadu_ps(zn + 3 * M + m);
-            __m256 z4 = _mm256_loadu_ps(zn + 4 * M + m), z5 = _mm256_loadu_ps(zn + 5 * M + m);
-            __m256 z6 = _mm256_loadu_ps(zn + 6 * M + m), z7 = _mm256_loadu_ps(zn + 7 * M + m);
-            for (long r = 0; r < R; ++r) {
-                __m256 a = _mm256_loadu_ps(G + r * M + m);
-                __m256 b = _mm256_mul_ps(_mm256_broadcast_ss(un + r), z0);
-                a = _mm256_fmadd_ps(_mm256_broadcast_ss(un + R + r), z1, a);
-                b = _mm256_fmadd_ps(_mm256_broadcast_ss(un + 2 * R + r), z2, b);
-                a = _mm256_fmadd_ps(_mm256_broadcast_ss(un + 3 * R + r), z3, a);
-                b = _mm256_fmadd_ps(_mm256_broadcast_ss(un + 4 * R + r), z4, b);
-                a = _mm256_fmadd_ps(_mm256_broadcast_ss(un + 5 * R + r), z5, a);
-                b = _mm256_fmadd_ps(_mm256_broadcast_ss(un + 6 * R + r), z6, b);
-                a = _mm256_fmadd_ps(_mm256_broadcast_ss(un + 7 * R + r), z7, a);
-                _mm256_storeu_ps(G + r * M + m, _mm256_add_ps(a, b));
+        for (; m + 8 <= M; m += 16) {
+            const int S = m + 16 <= M ? 2 : 1;
+            long r0 = 0;
+            for (long g = 0; g < groups; ++g) {
+                const long rr = (R - r0) / (groups - g); /* balanced: 9 rows as 4 + 5 */
+                cols_strip(u, R, r0, (int)rr, z, M, m, S, G, nb, ne, g == 0);
+                r0 += rr;
             }
         }
+        if (m > M) m -= 8; /* the last strip was a single one */
         for (; m < M; ++m)
-            for (long i = 0; i < ROW_BLOCK; ++i)
-                for (long r = 0; r < R; ++r) G[r * M + m] += un[i * R + r] * zn[i * M + m];
+            for (long n = nb; n < ne; ++n)
+                for (long r = 0; r < R; ++r) G[r * M + m] += u[n * R + r] * z[n * M + m];
     }
-    for (; n < n1; ++n)
-        for (long r = 0; r < R; ++r)
-            for (long m = 0; m < M; ++m) G[r * M + m] += u[n * R + r] * z[n * M + m];
 }
 
 /* Token range of thread t out of T, in whole row blocks. */
