@@ -54,9 +54,9 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("thin_passes.c", "drop_connect.c"))
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS loses
-#: widest thin operand the passes take: from rank 16 on, BLAS is as fast or faster
-#: (2048 tokens, width 384 and 1536, ``docs/benchmarks.md``)
-MAX_RANK = 13
+#: widest thin operand the passes take: up to rank 24 they beat BLAS on activations read from
+#: memory, at 32 they tie (2080 tokens, widths 384 to 1536, ``docs/benchmarks.md``)
+MAX_RANK = 24
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 _lib: ctypes.CDLL | None = None
