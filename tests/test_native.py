@@ -39,11 +39,12 @@ def test_native_builds_and_loads_here():
 
 @needs_native
 @pytest.mark.parametrize("n", [64, 67, 2083])
-@pytest.mark.parametrize("m", [8, 13, 384, 1537])
-@pytest.mark.parametrize("r", [1, 8, 9, 24, 33])
+@pytest.mark.parametrize("m", [8, 13, 384, 392, 1537])
+@pytest.mark.parametrize("r", [1, 2, 6, 8, 9, 24, 33])
 def test_passes_equal_dense_products(n, m, r):
     """``z P``, ``uᵀ z`` and the fused ``(gy B, hbᵀ gy)`` against float64 products, with
-    token counts and widths that leave row blocks, 8-wide strips and rank groups partial."""
+    token counts and widths that leave row blocks, 16- and 8-wide column strips and rank
+    groups partial (``u`` of ``r + 1`` columns: register tiles of 1 to 6 rank rows)."""
     if not native.available():
         pytest.skip("native thin passes unavailable on this CPU")
     g = torch.Generator().manual_seed(n * 1000 + m * 10 + r)
@@ -53,6 +54,8 @@ def test_passes_equal_dense_products(n, m, r):
     zd, pd, ud = z.double(), p.double(), u.double()
     assert _rel_err(native.rows_times(z, p), zd @ pd) < 1e-5
     assert _rel_err(native.cols_reduce(u, z), ud.t() @ zd) < 1e-5
+    u1 = u[:, :1].contiguous()
+    assert _rel_err(native.cols_reduce(u1, z), u1.double().t() @ zd) < 1e-5
     gh, gb = native.grad_pass(z, p, u)
     assert gh.shape == (n, r) and gb.shape == (r + 1, m)
     assert _rel_err(gh, zd @ pd) < 1e-5
