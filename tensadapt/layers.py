@@ -71,6 +71,8 @@ class TensorAdapterLayer(nn.Module):
             (p.dropout for p in programs if p.dropout is not None and p.dropout_on == "input"),
             None,
         )
+        #: the contributions with shared role biases (fixed when the programs are built)
+        self._bias_programs = [p for p in programs if p.has_bias]
 
     # ------------------------------------------------------------------ weights
     def weight_out_in(self) -> torch.Tensor:
@@ -132,12 +134,11 @@ class TensorAdapterLayer(nn.Module):
     def _shared_bias(self) -> torch.Tensor | None:
         """``b + Σ_c s_c b_c``: the frozen bias plus the adapters' shared role biases."""
         bias = self.bias
-        for p in self.programs:
+        for p in self._bias_programs:
             vec = p.bias_vector()
-            if vec is not None:
-                rows = self.weight_out_in().shape[0]
-                vec = vec.new_zeros(rows).index_add(0, p._rows, vec, alpha=p.scale)
-                bias = vec if bias is None else bias + vec
+            rows = self.weight_out_in().shape[0]
+            vec = vec.new_zeros(rows).index_add(0, p._rows, vec, alpha=p.scale)
+            bias = vec if bias is None else bias + vec
         return bias
 
     def _forward_drop_connect(

@@ -456,6 +456,11 @@ class ContributionProgram(nn.Module):
             out.append(t)
         return out
 
+    @property
+    def has_bias(self) -> bool:
+        """Whether this contribution adds shared role biases."""
+        return self.__dict__["bias_module"] is not None
+
     def bias_vector(self) -> torch.Tensor | None:
         """The shared role biases laid out on this contribution's rows (None without bias)."""
         bias = self.__dict__["bias_module"]
