@@ -48,6 +48,28 @@ class LowRankOperands(NamedTuple):
     mix: torch.Tensor | None
 
 
+def _row_blocks(
+    programs: list[ContributionProgram], rows: int
+) -> tuple[list[int], list[int]] | None:
+    """``(order, gaps)`` for several contributions on contiguous, disjoint row ranges of one
+    module, else None: the programs by first row, and the zero rows before each (with one
+    more entry: the rows after the last)."""
+    if len(programs) < 2 or not all(p.contiguous and p.chunks == 1 for p in programs):
+        return None
+    order = sorted(range(len(programs)), key=lambda i: programs[i].row_start)
+    gaps, end = [], 0
+    for i in order:
+        start = programs[i].row_start
+        if start < end:
+            return None
+        gaps.append(start - end)
+        end = start + programs[i].out_rows
+    if end > rows:
+        return None
+    gaps.append(rows - end)
+    return order, gaps
+
+
 class TensorAdapterLayer(nn.Module):
     """A frozen linear (``nn.Linear`` or ``Conv1D``) plus its tensor-adapter contributions."""
 
@@ -73,6 +95,8 @@ class TensorAdapterLayer(nn.Module):
         )
         #: the contributions with shared role biases (fixed when the programs are built)
         self._bias_programs = [p for p in programs if p.has_bias]
+        #: several contributions on disjoint row ranges: their ``B`` blocks in row order
+        self._row_blocks = _row_blocks(programs, self.weight_out_in().shape[0])
 
     # ------------------------------------------------------------------ weights
     def weight_out_in(self) -> torch.Tensor:
@@ -203,6 +227,9 @@ class TensorAdapterLayer(nn.Module):
         chunks = {p.chunks for p in self.programs}
         if len(drop) > 1 or len(chunks) > 1 or (len(self.programs) > 1 and chunks != {1}):
             return None
+        if self._row_blocks is not None:
+            a, b = self._block_diagonal(w, factors)
+            return LowRankOperands(a, b, self._shared_bias(), drop.pop(), 1, None)
         rows = w.shape[0]
         a_parts, b_parts, mix = [], [], None
         for p, f in zip(self.programs, factors):
@@ -220,6 +247,31 @@ class TensorAdapterLayer(nn.Module):
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
         b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)
         return LowRankOperands(a, b, self._shared_bias(), drop.pop(), chunks.pop(), mix)
+
+    def _block_diagonal(
+        self, w: torch.Tensor, factors: list[list[torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = [A_1; …; A_m]`` and ``B = diag(s_1 B_1, …, s_m B_m)``, zero rows between the
+        blocks: contributions on disjoint row ranges (q, k and v of a fused ``qkv``) as one
+        map of rank ``Σ R_c``, in one ``block_diag`` (and one backward node) for all of them."""
+        order, gaps = self._row_blocks
+        scale = self.programs[0].scale
+        if any(p.scale != scale for p in self.programs):
+            scale = None
+        a_parts, blocks = [], []
+        for i, gap in zip(order, gaps):
+            p = self.programs[i]
+            a, b = p.low_rank(factors[i], self.state.step_cache)
+            if p.serial:
+                b = w.index_select(0, p._rows) @ b
+            if gap:
+                blocks.append(b.new_zeros(gap, 0))
+            blocks.append(b if scale is not None else b * p.scale)
+            a_parts.append(a)
+        if gaps[-1]:
+            blocks.append(blocks[-1].new_zeros(gaps[-1], 0))
+        b = torch.block_diag(*blocks)
+        return torch.cat(a_parts), (b if scale is None else b * scale)
 
     def _forward_low_rank(
         self, x: torch.Tensor, factors: list[list[torch.Tensor]]

@@ -302,3 +302,41 @@ def test_column_major_a_gives_the_row_major_result(p):
     assert not p_in.t().is_contiguous()
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [dict(targets=["v", "q"], scale=0.5)],  # k's rows between them are a gap
+        [dict(targets=["k"], scale=0.5), dict(targets=["q", "v"], scale=2.0)],  # two scales
+        [dict(targets=["k"], scale=1.5)],  # one contribution: not block-diagonal
+    ],
+)
+def test_slices_of_one_map_run_as_one_block_diagonal_update(groups):
+    """q, k and v contributions of DINOv2's fused ``qkv`` in one ``LowRankLinear`` call with
+    ``B = diag(s_c B_c)`` and zero rows between the blocks: same output and factor gradients
+    as the dense ``Σ_c s_c ΔW_c`` of each contribution (the general path)."""
+    torch.manual_seed(0)
+    model = tiny_vit(dim=16, heads=2).double()
+    cfg = ta.TensorAdapterConfig(
+        factorization="lora",
+        modes=["out", "in"],
+        rank=2,
+        adapter_dtype="float64",
+        groups=[dict(factorization="lora", modes=["out", "in"], **g) for g in groups],
+    )
+    am = ta.get_adapter_model(model, cfg).train()
+    with torch.no_grad():
+        for p in am.tensor_adapters.parameters():
+            p.normal_()
+    qkv = [layer for name, layer in am.adapted_layers.items() if name.endswith("qkv")]
+    several = sum(len(g["targets"]) for g in groups) > 1
+    assert all((layer._row_blocks is not None) == several for layer in qkv)
+    if several:
+        diag = []
+        for layer in qkv:
+            f = layer._block_diagonal
+            layer.__dict__["_block_diagonal"] = lambda *a, f=f: diag.append(1) or f(*a)
+    assert_path_matches_general_path(am)
+    if several:
+        assert len(diag) == len(qkv)
