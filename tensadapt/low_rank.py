@@ -36,6 +36,7 @@ __all__ = [
     "FOLD_DTYPES",
     "block_product",
     "folded_weight",
+    "thin_expand",
     "keep_mask",
     "keep_scale",
     "merge_mix",
@@ -122,10 +123,28 @@ def merge_mix(
     return block_product(mix, a, k), None, 1
 
 
+def thin_expand(u: torch.Tensor, p: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``c + u P`` for a thin ``u`` (N, R) and ``P`` (R, M); ``c`` None, a row or (N, M).
+
+    In native code where :func:`tensadapt.native.usable` (each output tile in registers over
+    the rank, one write of the output); CPU BLAS runs these shapes at a third to a half of
+    the FMA peak (``docs/benchmarks.md``). Not differentiable: for use inside a backward or an
+    autograd function's forward."""
+    others = (p,) if c is None else (p, c)
+    if native.usable(u, rank=u.shape[1], max_rank=native.MAX_EXPAND_RANK) and all(
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype == u.dtype
+        and t.device == u.device
+        for t in others
+    ):
+        return native.rows_expand(u, p, c)
+    return u @ p if c is None else torch.addmm(c, u, p)
+
+
 def folded_weight(w: torch.Tensor, a: torch.Tensor, bm: torch.Tensor, k: int) -> torch.Tensor:
     """``W' = W + B Ā`` of shape ``(out, in)``."""
     if k == 1:
-        return torch.addmm(w, bm, a)
+        return thin_expand(bm.contiguous(), a, w)
     return w + block_product(bm, a, k)
 
 
@@ -180,7 +199,7 @@ class LowRankLinear(torch.autograd.Function):
             # the thin product first, then the big one accumulates into it: the big matmul
             # reads its output tile by tile while it computes, where a thin one added after
             # it would be one more memory-bound pass reading and writing y
-            out = torch.addmm(b, hb, bm.t()) if b is not None else hb @ bm.t()
+            out = thin_expand(hb, bm.t(), b)
             out.addmm_(x, w.t())
         if ctx.needs_input_grad[3]:
             # the bias gradient rides on the B gradient: gyᵀ [hb | 1] in one pass over gy
@@ -225,9 +244,9 @@ class LowRankLinear(torch.autograd.Function):
                 gh = gh.reshape(n * k, -1)
             if need_x and not fold and not ctx.has_xa:
                 # gh A first, then gy W accumulates into it (as in the forward)
-                gx = (gh @ a).view(n, -1).addmm_(gy, w)
+                gx = thin_expand(gh, a).view(n, -1).addmm_(gy, w)
             if need_xa:
-                gxa = (gh @ a).view(n, -1)
+                gxa = thin_expand(gh, a).view(n, -1)
             if need_a:
                 ga = token_product(gh, src.reshape(gh.shape[0], -1))
         if need_x and gx is None:

@@ -5,7 +5,9 @@ matrix: ``h = x Aᵀ``, ``gh = gy B``, ``gAᵀ = ghᵀ x``, ``gBᵀ = hᵀ gy``.
 read of the activation, yet CPU BLAS runs these shapes at about half that speed (for
 ``x`` 2080 × 1536 and ``R = 8``: ``x Aᵀ`` 1.8 ms, ``hᵀ x`` 2.0 ms, reading ``x`` once
 0.8 ms). ``thin_passes.c`` does them in one read each, and ``gy B`` with ``hᵀ gy`` in one
-read together (:func:`grad_pass`).
+read together (:func:`grad_pass`). ``thin_expand.c`` forms the thin-to-wide products
+``C + u P`` (``b + h Bᵀ``, ``gh A``, ``W + B A``) with each output tile in registers over
+the rank (:func:`rows_expand`).
 
 ``drop_connect.c`` applies DropConnect to a low-rank update while folding it into the
 frozen weight (:func:`drop_fold`), gives the factor gradients from thin passes and the
@@ -42,6 +44,7 @@ __all__ = [
     "rows_times",
     "cols_reduce",
     "grad_pass",
+    "rows_expand",
     "pack",
     "drop_fold",
     "drop_grad_",
@@ -51,12 +54,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("thin_passes.c", "drop_connect.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("thin_passes.c", "thin_expand.c", "drop_connect.c")
+)
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS loses
 #: widest thin operand the passes take: up to rank 24 they beat BLAS on activations read from
 #: memory, at 32 they tie (2080 tokens, widths 384 to 1536, ``docs/benchmarks.md``)
 MAX_RANK = 24
+#: widest thin operand of :func:`rows_expand`: BLAS ties with it at rank 128 (2080 tokens)
+MAX_EXPAND_RANK = 64
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 _lib: ctypes.CDLL | None = None
@@ -124,6 +131,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ta_cols_reduce.restype = ctypes.c_int
     lib.ta_grad_pass.argtypes = [ptr, size, size, ptr, size, ptr, ptr, size, ptr, ctypes.c_int]
     lib.ta_grad_pass.restype = ctypes.c_int
+    lib.ta_rows_expand.argtypes = [ptr, size, size, ptr, size, ptr, size, ptr, ctypes.c_int]
+    lib.ta_rows_expand.restype = None
     u32, i32 = ctypes.c_uint32, ctypes.c_int
     lib.ta_drop_fold.argtypes = [ptr, size, size, ptr, ptr, size, ctypes.c_float, u32, u32, i32]
     lib.ta_drop_fold.argtypes += [ptr, i32]
@@ -150,11 +159,11 @@ def status() -> str:
     return _reason
 
 
-def usable(*tensors: torch.Tensor, rank: int) -> bool:
-    """True when the thin operand's width ``rank`` is at most :data:`MAX_RANK`, every tensor
+def usable(*tensors: torch.Tensor, rank: int, max_rank: int = MAX_RANK) -> bool:
+    """True when the thin operand's width ``rank`` is at most ``max_rank``, every tensor
     is a plain, contiguous float32 CPU matrix of at least :data:`MIN_TOKENS` rows, and the
     library is available (not while compiling a graph)."""
-    if _state == "off" or rank > MAX_RANK:
+    if _state == "off" or rank > max_rank:
         return False
     for t in tensors:
         if (
@@ -221,6 +230,25 @@ def grad_pass(
     if status != 0:
         raise MemoryError(f"thin pass hbᵀ gy: no scratch memory for {_threads()} × {rh} × {m}")
     return gh, g
+
+
+def rows_expand(u: torch.Tensor, p: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``c + u P`` (N, M): ``u`` (N, R) contiguous float32, ``P`` (R, M); ``c`` None, a row
+    (M,) added to every token, or an (N, M) matrix. ``P`` and ``c`` are made contiguous."""
+    n, r = u.shape
+    m = p.shape[1]
+    p = p.detach().contiguous()
+    if c is not None:
+        if c.shape not in ((m,), (n, m)) or c.dtype != u.dtype:
+            got = f"{tuple(c.shape)} {c.dtype}"
+            raise ValueError(f"rows_expand: c must be ({m},) or ({n}, {m}) {u.dtype}, got {got}")
+        c = c.detach().contiguous()
+    out = u.new_empty(n, m)
+    _lib.ta_rows_expand(
+        u.data_ptr(), n, r, p.data_ptr(), m, None if c is None else c.data_ptr(),
+        0 if c is None or c.dim() == 1 else m, out.data_ptr(), _threads(),
+    )  # fmt: skip
+    return out
 
 
 def drop_fold(

@@ -66,6 +66,30 @@ def test_passes_equal_dense_products(n, m, r):
 
 
 @needs_native
+@pytest.mark.parametrize("n", [64, 67, 2083])
+@pytest.mark.parametrize("m", [8, 13, 384, 392, 1537])
+@pytest.mark.parametrize("r", [1, 7, 32, 64])
+def test_expand_equals_dense_products(n, m, r):
+    """``c + u P`` against float64 products, without ``c``, with a row added to every token
+    and with a full matrix (the fold ``W + B A``); token counts and widths that leave 6-row
+    tiles, 16- and 8-wide strips and single columns partial."""
+    if not native.available():
+        pytest.skip("native thin passes unavailable on this CPU")
+    g = torch.Generator().manual_seed(n * 1000 + m * 10 + r)
+    u, p = torch.randn(n, r, generator=g), torch.randn(r, m, generator=g)
+    row, mat = torch.randn(m, generator=g), torch.randn(n, m, generator=g)
+    dense = u.double() @ p.double()
+    assert _rel_err(native.rows_expand(u, p), dense) < 1e-5
+    assert _rel_err(native.rows_expand(u, p, row), dense + row.double()) < 1e-5
+    assert _rel_err(native.rows_expand(u, p, mat), dense + mat.double()) < 1e-5
+    # a transposed P (h Bᵀ with B stored (out, R)) is made contiguous first
+    b = torch.randn(m, r, generator=g)
+    assert _rel_err(native.rows_expand(u, b.t()), u.double() @ b.double().t()) < 1e-5
+    with pytest.raises(ValueError, match=rf"c must be \({m},\) or \({n}, {m}\)"):
+        native.rows_expand(u, p, torch.zeros(m + 1))
+
+
+@needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_count_does_not_change_the_result_beyond_rounding(threads):
     if not native.available():
@@ -85,6 +109,7 @@ def test_usable_only_for_plain_contiguous_float32_token_matrices():
     big = torch.randn(128, 16)
     assert native.usable(big, rank=8) == ok
     assert not native.usable(big, rank=native.MAX_RANK + 1)  # BLAS is faster there
+    assert native.usable(big, rank=native.MAX_RANK + 1, max_rank=native.MAX_EXPAND_RANK) == ok
     assert not native.usable(big.double(), rank=8)
     assert not native.usable(big.t(), rank=8)  # not contiguous
     assert not native.usable(big[:, :8], rank=8)  # a column slice
@@ -154,7 +179,7 @@ def test_low_rank_linear_same_with_and_without_native(
 
     if not fold:
         monkeypatch.setattr(low_rank, "FOLD_DTYPES", ())
-    n, d_in, d_out, r, r2 = 96, 24, 40, 8, 5
+    n, d_in, d_out, r, r2 = 96, 24, 72, 8, 5  # 72 output rows: the fold runs natively too
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, d_in, generator=g).requires_grad_()
     w = torch.randn(d_out, d_in, generator=g)
@@ -172,7 +197,12 @@ def test_low_rank_linear_same_with_and_without_native(
         out.backward(gy)
         return out.detach(), [t.grad.clone() for t in leaves]
 
+    expands: list[int] = []
+    real = native.rows_expand
+    monkeypatch.setattr(native, "rows_expand", lambda *t: expands.append(1) or real(*t))
     fast = run()
+    # b + h Bᵀ and gh A (kept apart), or the fold W + B A (one input chunk)
+    assert bool(expands) == (not fold or k == 1)
     with native_off():
         slow = run()
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
@@ -182,8 +212,8 @@ def test_low_rank_linear_same_with_and_without_native(
 
 @needs_native
 def test_native_passes_are_used_in_a_float32_step(monkeypatch):
-    """A float32 CaRA step on a tiny ViT runs the native passes (h, the fused gy pass and the
-    A gradient), and its gradients equal the PyTorch path's."""
+    """A float32 CaRA step on a tiny ViT runs the native passes (h, the fused gy pass, the
+    A gradient and the fold), and its gradients equal the PyTorch path's."""
     if not native.available():
         pytest.skip("native thin passes unavailable on this CPU")
     torch.manual_seed(0)
@@ -195,7 +225,7 @@ def test_native_passes_are_used_in_a_float32_step(monkeypatch):
     x = torch.randn(24, 3, 16, 16)  # 24 images x 5 tokens = 120 rows per map
 
     calls: list[str] = []
-    for name in ("rows_times", "cols_reduce", "grad_pass"):
+    for name in ("rows_times", "cols_reduce", "grad_pass", "rows_expand"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
 
@@ -205,7 +235,7 @@ def test_native_passes_are_used_in_a_float32_step(monkeypatch):
         return {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
 
     fast = grads()
-    assert {"rows_times", "cols_reduce", "grad_pass"} <= set(calls)
+    assert {"rows_times", "cols_reduce", "grad_pass", "rows_expand"} <= set(calls)
     state, native._state = native._state, "off"
     try:
         calls.clear()
