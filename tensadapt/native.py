@@ -62,8 +62,9 @@ MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS los
 #: widest thin operand the passes take: up to rank 24 they beat BLAS on activations read from
 #: memory, at 32 they tie (2080 tokens, widths 384 to 1536, ``docs/benchmarks.md``)
 MAX_RANK = 24
-#: widest thin operand of :func:`rows_expand`: BLAS ties with it at rank 128 (2080 tokens)
-MAX_EXPAND_RANK = 64
+#: widest thin operand of :func:`rows_expand`: from rank 24 on BLAS is as fast (2080 tokens,
+#: widths 384 to 1536, ``docs/benchmarks.md``)
+MAX_EXPAND_RANK = 16
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 _lib: ctypes.CDLL | None = None

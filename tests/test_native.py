@@ -109,7 +109,8 @@ def test_usable_only_for_plain_contiguous_float32_token_matrices():
     big = torch.randn(128, 16)
     assert native.usable(big, rank=8) == ok
     assert not native.usable(big, rank=native.MAX_RANK + 1)  # BLAS is faster there
-    assert native.usable(big, rank=native.MAX_RANK + 1, max_rank=native.MAX_EXPAND_RANK) == ok
+    assert native.usable(big, rank=native.MAX_EXPAND_RANK, max_rank=native.MAX_EXPAND_RANK) == ok
+    assert not native.usable(big, rank=native.MAX_EXPAND_RANK + 1, max_rank=native.MAX_EXPAND_RANK)
     assert not native.usable(big.double(), rank=8)
     assert not native.usable(big.t(), rank=8)  # not contiguous
     assert not native.usable(big[:, :8], rank=8)  # a column slice
