@@ -131,7 +131,7 @@ def thin_expand(u: torch.Tensor, p: torch.Tensor, c: torch.Tensor | None = None)
     the FMA peak (``docs/benchmarks.md``). Not differentiable: for use inside a backward or an
     autograd function's forward."""
     others = (p,) if c is None else (p, c)
-    if native.usable(u, rank=u.shape[1], max_rank=native.MAX_EXPAND_RANK) and all(
+    if native.usable(u, rank=u.shape[1], expand=True) and all(
         type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.dtype == u.dtype
         and t.device == u.device

@@ -16,12 +16,15 @@ masks a dense weight gradient (:func:`drop_grad_`) and gives the mask itself
 (:func:`keep_bytes`); the mask is a keyed hash of each entry's index
 (:mod:`tensadapt.drop_connect`), so it is drawn again instead of stored.
 
-The C files are compiled on first use with the system C compiler (``$CC``, else ``cc``) into
-``$TENSADAPT_CACHE`` (default ``~/.cache/tensadapt``), keyed by the sources' hash, and loaded
-with :mod:`ctypes`; OpenMP threads come from the runtime torch already loaded. Where there is
-no compiler, no AVX2/FMA, or ``TENSADAPT_NATIVE=0``, :func:`available` is False and callers
-use their PyTorch path; the results agree to float32 rounding (the sums run in another
-order).
+Each kernel is written once against the vector macros of ``simd.h`` and compiled twice, for
+AVX2 (8 floats per register) and AVX-512F (16); :func:`isa` says which set runs (the widest
+the CPU has, or ``TENSADAPT_NATIVE_ISA``), and :func:`max_rank` the widest thin operand it
+takes. The C files are compiled on first use with the system C compiler (``$CC``, else
+``cc``) into ``$TENSADAPT_CACHE`` (default ``~/.cache/tensadapt``), keyed by the sources'
+hash, and loaded with :mod:`ctypes`; OpenMP threads come from the runtime torch already
+loaded. Where there is no compiler, no AVX2/FMA, or ``TENSADAPT_NATIVE=0``, :func:`available`
+is False and callers use their PyTorch path; the results agree to float32 rounding (the
+sums run in another order).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ import torch
 __all__ = [
     "available",
     "status",
+    "isa",
+    "use_isa",
+    "max_rank",
     "usable",
     "rows_times",
     "cols_reduce",
@@ -57,18 +63,23 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(
     Path(__file__).with_name(n) for n in ("thin_passes.c", "thin_expand.c", "drop_connect.c")
 )
+HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources, part of the key
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS loses
-#: widest thin operand the passes take: up to rank 24 they beat BLAS on activations read from
-#: memory, at 32 they tie (2080 tokens, widths 384 to 1536, ``docs/benchmarks.md``)
+#: widest thin operand the AVX2 passes take: up to rank 24 they beat BLAS on activations read
+#: from memory, at 32 they tie (2080 tokens, widths 384 to 1536, ``docs/benchmarks.md``)
 MAX_RANK = 24
-#: widest thin operand of :func:`rows_expand`: from rank 24 on BLAS is as fast (2080 tokens,
-#: widths 384 to 1536, ``docs/benchmarks.md``)
+#: widest thin operand of the AVX2 :func:`rows_expand`: from rank 24 on BLAS is as fast
 MAX_EXPAND_RANK = 16
+#: widest thin operand of the AVX-512 kernels, passes and expand alike: twice the FMA width
+#: of AVX2 keeps them 1.5-2x ahead of BLAS at every rank measured, 8 to 64
+MAX_RANK_AVX512 = 64
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 _lib: ctypes.CDLL | None = None
 _state = "unloaded"  # "unloaded" | "ready" | "off"
+_isa = ""  # "avx2" | "avx512": the kernels' instruction set once loaded
+ISAS = {"avx2": 256, "avx512": 512}
 _reason = "not loaded yet"
 
 
@@ -82,7 +93,7 @@ def _cache_dir() -> Path:
 def _build() -> Path:
     """Compile the C sources once per version into one library, renamed into place."""
     compiler = os.environ.get("CC", "cc")
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"thin_passes-{platform.machine()}-{key}.so"
     if target.exists():
@@ -122,10 +133,19 @@ def _load() -> ctypes.CDLL | None:
         _reason = f"build failed: {err}" + (f": {detail}" if detail else "")
         log.info("native thin passes unavailable, using PyTorch: %s", _reason)
         return None
-    if not lib.ta_cpu_ok():
+    best = lib.ta_cpu_ok()
+    if not best:
         _reason = "the CPU lacks AVX2 or FMA"
         return None
+    wanted = os.environ.get("TENSADAPT_NATIVE_ISA", "auto")
+    if wanted not in ("auto", *ISAS):
+        _reason = f"TENSADAPT_NATIVE_ISA={wanted!r}: expected 'auto', 'avx2' or 'avx512'"
+        log.warning("native thin passes off: %s", _reason)
+        return None
+    _select(lib, best if wanted == "auto" else ISAS[wanted])
     ptr, size = ctypes.c_void_p, ctypes.c_long
+    lib.ta_select_isa.argtypes = [ctypes.c_int]
+    lib.ta_panel_width.restype = ctypes.c_int
     lib.ta_rows_times.argtypes = [ptr, size, size, ptr, size, ptr, ctypes.c_int]
     lib.ta_rows_times.restype = None
     lib.ta_cols_reduce.argtypes = [ptr, size, size, ptr, size, ptr, ctypes.c_int]
@@ -149,6 +169,30 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
+def _select(lib: ctypes.CDLL, width: int) -> None:
+    global _isa
+    _isa = "avx512" if lib.ta_select_isa(width) == 512 else "avx2"
+
+
+def isa() -> str:
+    """The kernels' instruction set: ``"avx512"`` where the CPU has AVX-512F (16 floats per
+    register: twice the FMA width, which the rank-32 passes are bound by), else ``"avx2"``;
+    ``""`` when unavailable. ``TENSADAPT_NATIVE_ISA=avx2`` keeps AVX2 on any CPU."""
+    return _isa if _load() is not None else ""
+
+
+def use_isa(name: str) -> str:
+    """Switch the kernels to ``name`` (``"avx2"`` or ``"avx512"``, the latter only where the
+    CPU has it); returns the set now in use. For comparing the two in one process."""
+    if name not in ISAS:
+        raise ValueError(f"use_isa: expected one of {sorted(ISAS)}, got {name!r}")
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {_reason}")
+    _select(lib, ISAS[name])
+    return _isa
+
+
 def available() -> bool:
     """Whether the native thin passes are compiled, loaded and supported by this CPU."""
     return _load() is not None
@@ -160,11 +204,20 @@ def status() -> str:
     return _reason
 
 
-def usable(*tensors: torch.Tensor, rank: int, max_rank: int = MAX_RANK) -> bool:
-    """True when the thin operand's width ``rank`` is at most ``max_rank``, every tensor
-    is a plain, contiguous float32 CPU matrix of at least :data:`MIN_TOKENS` rows, and the
-    library is available (not while compiling a graph)."""
-    if _state == "off" or rank > max_rank:
+def max_rank(expand: bool = False) -> int:
+    """The widest thin operand the kernels in use take (:func:`rows_expand` when ``expand``):
+    :data:`MAX_RANK_AVX512` with AVX-512, else :data:`MAX_RANK` / :data:`MAX_EXPAND_RANK`."""
+    if _isa == "avx512":
+        return MAX_RANK_AVX512
+    return MAX_EXPAND_RANK if expand else MAX_RANK
+
+
+def usable(*tensors: torch.Tensor, rank: int, expand: bool = False) -> bool:
+    """True when the thin operand's width ``rank`` is at most :func:`max_rank` (of
+    :func:`rows_expand` when ``expand``), every tensor is a plain, contiguous float32 CPU
+    matrix of at least :data:`MIN_TOKENS` rows, and the library is available (not while
+    compiling a graph)."""
+    if _state == "off" or not available() or rank > max_rank(expand):
         return False
     for t in tensors:
         if (
@@ -176,18 +229,18 @@ def usable(*tensors: torch.Tensor, rank: int, max_rank: int = MAX_RANK) -> bool:
             or t.shape[0] < MIN_TOKENS
         ):
             return False
-    if _is_compiling():
-        return False
-    return available()
+    return not _is_compiling()
 
 
 def pack(p: torch.Tensor) -> torch.Tensor:
-    """``P`` (M, R) as ``(⌈R/8⌉, M, 8)``, zero padded: the layout the kernels read."""
+    """``P`` (M, R) as ``(⌈R/w⌉, M, w)``, zero padded: the layout the kernels read, ``w`` the
+    floats per vector register (8 with AVX2, 16 with AVX-512)."""
     m, r = p.shape
-    groups = (r + 7) // 8
-    if r % 8:
-        p = torch.nn.functional.pad(p, (0, groups * 8 - r))
-    return p.reshape(m, groups, 8).transpose(0, 1).contiguous()
+    w = _lib.ta_panel_width()
+    groups = (r + w - 1) // w
+    if r % w:
+        p = torch.nn.functional.pad(p, (0, groups * w - r))
+    return p.reshape(m, groups, w).transpose(0, 1).contiguous()
 
 
 def _threads() -> int:

@@ -1,4 +1,4 @@
-/* Thin passes over token-sized float32 activations (AVX2 + FMA, OpenMP over tokens).
+/* Thin passes over token-sized float32 activations (AVX2 + FMA or AVX-512, OpenMP over tokens).
  *
  * A low-rank adapter meets each big activation z (N x M, row-major) with a thin matrix of
  * rank R (R << M) in two ways:
@@ -7,153 +7,53 @@
  *   ta_cols_reduce: G   = u^T z        (R x M)   e.g. gA^T = gh^T x, gB^T = h^T gy
  *   ta_grad_pass:   both of the above on the same z in one read (gh = gy B, gB^T = hb^T gy)
  *
- * Each pass is bound by the read of z; CPU BLAS runs these shapes well below that speed.
- * P arrives packed as (ceil(R / 8), M, 8), zero padded, so each token row of z meets one
- * 8-wide panel row per column of z. Reductions accumulate per-thread partials over token
- * ranges, then sum them. Both passes prefetch the rows AHEAD token rows on: an activation
- * saved in the forward is out of cache by the backward, and the hardware prefetcher alone
- * left the passes at half their in-cache speed. Only built and called where the CPU reports
- * AVX2 and FMA.
+ * Each pass is bound by the read of z at low rank and by the FMAs at rank 32; CPU BLAS runs
+ * these shapes well below either bound. P arrives packed as (ceil(R / VW), M, VW), zero
+ * padded, VW the floats per vector register (ta_panel_width: 8 with AVX2, 16 with AVX-512),
+ * so each token row of z meets one panel row per column of z. Reductions accumulate
+ * per-thread partials over token ranges, then sum them. Both passes prefetch the rows AHEAD
+ * token rows on: an activation saved in the forward is out of cache by the backward, and the
+ * hardware prefetcher alone left the passes at half their in-cache speed.
+ *
+ * The kernel section below is compiled once per instruction set (simd.h: the file includes
+ * itself with TA_ISA 256, then 512); ta_select_isa picks the set the entry points call.
  */
-#include <immintrin.h>
+#ifndef TA_ISA
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define KERNEL __attribute__((target("avx2,fma")))
 #define ROW_BLOCK 8 /* tokens per block of the reductions */
 #define ROWS 8   /* token rows per block of z P */
 #define LINE 16  /* floats per cache line */
 #define AHEAD 8  /* rows prefetched ahead: a cold activation otherwise halves the pass's speed */
 
+#define TA_ISA 256
+#include "simd.h"
+#include "thin_passes.c"
+#undef TA_ISA
+#define TA_ISA 512
+#include "simd.h"
+#include "thin_passes.c"
+#undef TA_ISA
+
+static int isa = 256; /* the set the entry points call: 256 or 512 */
+
+/* 0 without AVX2 + FMA, else the widest set this CPU runs: 256 (AVX2) or 512 (AVX-512F). */
 int ta_cpu_ok(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    return __builtin_cpu_supports("avx512f") ? 512 : 256;
 }
 
-KERNEL static inline void store_cols(float *dst, __m256 v, long cols) {
-    if (cols >= 8) {
-        _mm256_storeu_ps(dst, v);
-    } else {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, v);
-        memcpy(dst, tmp, sizeof(float) * (size_t)cols);
-    }
+/* Use `wanted` (256 or 512) where the CPU has it; returns the set now in use. */
+int ta_select_isa(int wanted) {
+    isa = wanted == 512 && ta_cpu_ok() == 512 ? 512 : 256;
+    return isa;
 }
 
-/* out[n, :R] = z[n, :M] P for n in [n0, n1); P packed (groups, M, 8). Eight token rows at
- * a time: eight independent FMA chains share each panel load. */
-KERNEL static void rows_times(const float *z, long M, const float *packed, long R, float *out,
-                              long n0, long n1) {
-    const long groups = (R + 7) / 8;
-    long n = n0;
-    for (; n + ROWS <= n1; n += ROWS) {
-        const float *z0 = z + n * M;
-        const char *ahead = (const char *)(z0 + AHEAD * M);
-        for (long g = 0; g < groups; ++g) {
-            const float *p = packed + g * M * 8;
-            __m256 c[ROWS];
-            for (int i = 0; i < ROWS; ++i) c[i] = _mm256_setzero_ps();
-            for (long m = 0; m < M; m += LINE) {
-                const long end = m + LINE < M ? m + LINE : M;
-                if (g == 0)
-                    for (int i = 0; i < ROWS; ++i)
-                        _mm_prefetch(ahead + (i * M + m) * sizeof(float), _MM_HINT_T0);
-                for (long q = m; q < end; ++q) {
-                    const __m256 pq = _mm256_loadu_ps(p + q * 8);
-                    for (int i = 0; i < ROWS; ++i)
-                        c[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(z0 + i * M + q), pq, c[i]);
-                }
-            }
-            for (int i = 0; i < ROWS; ++i) store_cols(out + (n + i) * R + g * 8, c[i], R - g * 8);
-        }
-    }
-    for (; n < n1; ++n) {
-        for (long g = 0; g < groups; ++g) {
-            const float *p = packed + g * M * 8;
-            __m256 c0 = _mm256_setzero_ps();
-            for (long m = 0; m < M; ++m)
-                c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(z + n * M + m), _mm256_loadu_ps(p + m * 8),
-                                     c0);
-            store_cols(out + n * R + g * 8, c0, R - g * 8);
-        }
-    }
-}
-
-/* G[r0 + j, m + 8 s + l] += sum_{n in [n0, n1)} u[n, r0 + j] z[n, m + 8 s + l] for j < RR,
- * s < S, l < 8: RR x S accumulators stay in registers over the whole token range, so G is read
- * and written once per range and each token costs S loads of z and RR broadcasts of u. With
- * `ahead`, also prefetches the same columns of the next range's rows. */
-KERNEL static inline __attribute__((always_inline)) void cols_tile(
-    const float *u, long R, long r0, const int RR, const float *z, long M, long m, const int S,
-    float *G, long n0, long n1, int ahead) {
-    /* named accumulators: an array of them ends up on the stack */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
-    for (long n = n0; n < n1; ++n) {
-        const float *zn = z + n * M + m, *un = u + n * R + r0;
-        if (ahead) _mm_prefetch((const char *)(zn + (n1 - n0) * M), _MM_HINT_T0);
-        const __m256 z0 = _mm256_loadu_ps(zn);
-        const __m256 z1 = S > 1 ? _mm256_loadu_ps(zn + 8) : z0;
-#define ACC(j)                                                    \
-    if (RR > j) {                                                 \
-        const __m256 uj = _mm256_broadcast_ss(un + j);            \
-        a##j = _mm256_fmadd_ps(uj, z0, a##j);                     \
-        if (S > 1) b##j = _mm256_fmadd_ps(uj, z1, b##j);          \
-    }
-        ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
-#undef ACC
-    }
-    float *g = G + r0 * M + m;
-#define OUT(j)                                                                               \
-    if (RR > j) {                                                                            \
-        _mm256_storeu_ps(g + j * M, _mm256_add_ps(_mm256_loadu_ps(g + j * M), a##j));          \
-        if (S > 1) _mm256_storeu_ps(g + j * M + 8, _mm256_add_ps(_mm256_loadu_ps(g + j * M + 8), b##j)); \
-    }
-    OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
-#undef OUT
-}
-
-/* cols_tile with its row count and strip count as constants (1 to 6 rows, 1 or 2 strips). */
-KERNEL static void cols_strip(const float *u, long R, long r0, int RR, const float *z, long M,
-                              long m, int S, float *G, long n0, long n1, int ahead) {
-#define TILE(rr)                                                                   \
-    case rr:                                                                       \
-        if (S == 2)                                                                \
-            cols_tile(u, R, r0, rr, z, M, m, 2, G, n0, n1, ahead);                 \
-        else                                                                       \
-            cols_tile(u, R, r0, rr, z, M, m, 1, G, n0, n1, ahead);                 \
-        break;
-    switch (RR) {
-        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
-    }
-#undef TILE
-}
-
-/* G[r, m] += sum_{n in [n0, n1)} u[n, r] z[n, m]; u rows of stride R. Per block of ROW_BLOCK
- * tokens, the rows of G go in groups of at most 6 and its columns in strips of 16, each
- * group x strip a register tile over the block; the first group prefetches the next block. */
-KERNEL static void cols_reduce(const float *u, long R, const float *z, long M, float *G, long n0,
-                               long n1) {
-    const long groups = (R + 5) / 6;
-    for (long nb = n0; nb < n1; nb += ROW_BLOCK) {
-        const long ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
-        long m = 0;
-        for (; m + 8 <= M; m += 16) {
-            const int S = m + 16 <= M ? 2 : 1;
-            long r0 = 0;
-            for (long g = 0; g < groups; ++g) {
-                const long rr = (R - r0) / (groups - g); /* balanced: 9 rows as 4 + 5 */
-                cols_strip(u, R, r0, (int)rr, z, M, m, S, G, nb, ne, g == 0);
-                r0 += rr;
-            }
-        }
-        if (m > M) m -= 8; /* the last strip was a single one */
-        for (; m < M; ++m)
-            for (long n = nb; n < ne; ++n)
-                for (long r = 0; r < R; ++r) G[r * M + m] += u[n * R + r] * z[n * M + m];
-    }
-}
+/* Floats per panel row of a packed P for the set in use. */
+int ta_panel_width(void) { return isa == 512 ? 16 : 8; }
 
 /* Token range of thread t out of T, in whole row blocks. */
 static void token_range(long N, int t, int T, long *n0, long *n1) {
@@ -176,11 +76,17 @@ static void sum_partials(float *G, float *extra, int T, long size) {
 /* Token-range forms for other kernels in this library (drop_connect.c). */
 void ta_rows_range(const float *z, long M, const float *packed, long R, float *out, long n0,
                    long n1) {
-    rows_times(z, M, packed, R, out, n0, n1);
+    if (isa == 512)
+        rows_times_avx512(z, M, packed, R, out, n0, n1);
+    else
+        rows_times_avx2(z, M, packed, R, out, n0, n1);
 }
 
 void ta_cols_range(const float *u, long R, const float *z, long M, float *G, long n0, long n1) {
-    cols_reduce(u, R, z, M, G, n0, n1);
+    if (isa == 512)
+        cols_reduce_avx512(u, R, z, M, G, n0, n1);
+    else
+        cols_reduce_avx2(u, R, z, M, G, n0, n1);
 }
 
 void ta_rows_times(const float *z, long N, long M, const float *packed, long R, float *out,
@@ -189,7 +95,7 @@ void ta_rows_times(const float *z, long N, long M, const float *packed, long R, 
     {
         long n0, n1;
         token_range(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-        if (n0 < n1) rows_times(z, M, packed, R, out, n0, n1);
+        if (n0 < n1) ta_rows_range(z, M, packed, R, out, n0, n1);
     }
 }
 
@@ -210,8 +116,8 @@ static int reduce_tokens(const float *z, long N, long M, const float *packed, lo
         float *dst = t == 0 ? G : extra + (size_t)(t - 1) * (size_t)size;
         for (long n = n0; n < n1; n += ROW_BLOCK) {
             long e = n + ROW_BLOCK < n1 ? n + ROW_BLOCK : n1;
-            if (packed != NULL) rows_times(z, M, packed, R, out, n, e);
-            cols_reduce(u, Ru, z, M, dst, n, e);
+            if (packed != NULL) ta_rows_range(z, M, packed, R, out, n, e);
+            ta_cols_range(u, Ru, z, M, dst, n, e);
         }
         if (t == 0) used = T;
     }
@@ -230,3 +136,132 @@ int ta_grad_pass(const float *gy, long N, long M, const float *packed, long R, f
                  const float *hb, long Rh, float *G, int threads) {
     return reduce_tokens(gy, N, M, packed, R, gh, hb, Rh, G, threads);
 }
+
+#else /* ------------------------------------------ kernels, once per instruction set (simd.h) */
+
+/* out[n, :R] = z[n, :M] P for n in [n0, n1); P packed (groups, M, VW). Eight token rows at
+ * a time: eight independent FMA chains share each panel load. */
+KERNEL static void ISA(rows_times)(const float *z, long M, const float *packed, long R,
+                                   float *out, long n0, long n1) {
+    const long groups = (R + VW - 1) / VW;
+    long n = n0;
+    for (; n + ROWS <= n1; n += ROWS) {
+        const float *z0 = z + n * M;
+        const char *ahead = (const char *)(z0 + AHEAD * M);
+        for (long g = 0; g < groups; ++g) {
+            const float *p = packed + g * M * VW;
+            VEC c[ROWS];
+            for (int i = 0; i < ROWS; ++i) c[i] = V_ZERO();
+            for (long m = 0; m < M; m += LINE) {
+                const long end = m + LINE < M ? m + LINE : M;
+                if (g == 0)
+                    for (int i = 0; i < ROWS; ++i)
+                        _mm_prefetch(ahead + (i * M + m) * sizeof(float), _MM_HINT_T0);
+                for (long q = m; q < end; ++q) {
+                    const VEC pq = V_LOAD(p + q * VW);
+                    for (int i = 0; i < ROWS; ++i) c[i] = V_FMA(V_BCAST(z0 + i * M + q), pq, c[i]);
+                }
+            }
+            const long cols = R - g * VW;
+            for (int i = 0; i < ROWS; ++i) {
+                float *dst = out + (n + i) * R + g * VW;
+                if (cols >= VW)
+                    V_STORE(dst, c[i]);
+                else
+                    V_STORE_N(dst, c[i], cols);
+            }
+        }
+    }
+    for (; n < n1; ++n) {
+        for (long g = 0; g < groups; ++g) {
+            const float *p = packed + g * M * VW;
+            VEC c0 = V_ZERO();
+            for (long m = 0; m < M; ++m) c0 = V_FMA(V_BCAST(z + n * M + m), V_LOAD(p + m * VW), c0);
+            const long cols = R - g * VW;
+            if (cols >= VW)
+                V_STORE(out + n * R + g * VW, c0);
+            else
+                V_STORE_N(out + n * R + g * VW, c0, cols);
+        }
+    }
+}
+
+/* G[r0 + j, m + VW s + l] += sum_{n in [n0, n1)} u[n, r0 + j] z[n, m + VW s + l] for j < RR,
+ * s < S, l < VW: RR x S accumulators stay in registers over the whole token range, so G is
+ * read and written once per range and each token costs S loads of z and RR broadcasts of u.
+ * With `ahead`, also prefetches the same columns of the next range's rows. */
+KERNEL static inline __attribute__((always_inline)) void ISA(cols_tile)(
+    const float *u, long R, long r0, const int RR, const float *z, long M, long m, const int S,
+    float *G, long n0, long n1, int ahead) {
+    /* named accumulators: an array of them ends up on the stack */
+    VEC a0 = V_ZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    VEC b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+    for (long n = n0; n < n1; ++n) {
+        const float *zn = z + n * M + m, *un = u + n * R + r0;
+        if (ahead) {
+            _mm_prefetch((const char *)(zn + (n1 - n0) * M), _MM_HINT_T0);
+            if (S * VW > LINE) _mm_prefetch((const char *)(zn + (n1 - n0) * M + LINE), _MM_HINT_T0);
+        }
+        const VEC z0 = V_LOAD(zn);
+        const VEC z1 = S > 1 ? V_LOAD(zn + VW) : z0;
+#define ACC(j)                                         \
+    if (RR > j) {                                      \
+        const VEC uj = V_BCAST(un + j);                \
+        a##j = V_FMA(uj, z0, a##j);                    \
+        if (S > 1) b##j = V_FMA(uj, z1, b##j);         \
+    }
+        ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
+#undef ACC
+    }
+    float *g = G + r0 * M + m;
+#define OUT(j)                                                                        \
+    if (RR > j) {                                                                     \
+        V_STORE(g + j * M, V_ADD(V_LOAD(g + j * M), a##j));                           \
+        if (S > 1) V_STORE(g + j * M + VW, V_ADD(V_LOAD(g + j * M + VW), b##j));      \
+    }
+    OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
+#undef OUT
+}
+
+/* cols_tile with its row count and strip count as constants (1 to 6 rows, 1 or 2 strips). */
+KERNEL static void ISA(cols_strip)(const float *u, long R, long r0, int RR, const float *z,
+                                   long M, long m, int S, float *G, long n0, long n1, int ahead) {
+#define TILE(rr)                                                                   \
+    case rr:                                                                       \
+        if (S == 2)                                                                \
+            ISA(cols_tile)(u, R, r0, rr, z, M, m, 2, G, n0, n1, ahead);            \
+        else                                                                       \
+            ISA(cols_tile)(u, R, r0, rr, z, M, m, 1, G, n0, n1, ahead);            \
+        break;
+    switch (RR) {
+        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+    }
+#undef TILE
+}
+
+/* G[r, m] += sum_{n in [n0, n1)} u[n, r] z[n, m]; u rows of stride R. Per block of ROW_BLOCK
+ * tokens, the rows of G go in groups of at most 6 and its columns in strips of 2 VW, each
+ * group x strip a register tile over the block; the first group prefetches the next block. */
+KERNEL static void ISA(cols_reduce)(const float *u, long R, const float *z, long M, float *G,
+                                    long n0, long n1) {
+    const long groups = (R + 5) / 6;
+    for (long nb = n0; nb < n1; nb += ROW_BLOCK) {
+        const long ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
+        long m = 0;
+        for (; m + VW <= M; m += 2 * VW) {
+            const int S = m + 2 * VW <= M ? 2 : 1;
+            long r0 = 0;
+            for (long g = 0; g < groups; ++g) {
+                const long rr = (R - r0) / (groups - g); /* balanced: 9 rows as 4 + 5 */
+                ISA(cols_strip)(u, R, r0, (int)rr, z, M, m, S, G, nb, ne, g == 0);
+                r0 += rr;
+            }
+        }
+        if (m > M) m -= VW; /* the last strip was a single one */
+        for (; m < M; ++m)
+            for (long n = nb; n < ne; ++n)
+                for (long r = 0; r < R; ++r) G[r * M + m] += u[n * R + r] * z[n * M + m];
+    }
+}
+
+#endif

@@ -71,6 +71,22 @@ def native_off():
     return off
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def each_isa(request):
+    """Runs a test once per instruction set of the native kernels (skipped where the CPU or
+    the build lacks it), then restores the set in use."""
+    from tensadapt import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    before = native.isa()
+    if native.use_isa(request.param) != request.param:
+        native.use_isa(before)
+        pytest.skip(f"this CPU lacks {request.param}")
+    yield request.param
+    native.use_isa(before)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one thread is faster than two, and much faster on a loaded CPU."""

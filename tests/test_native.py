@@ -41,12 +41,11 @@ def test_native_builds_and_loads_here():
 @pytest.mark.parametrize("n", [64, 67, 2083])
 @pytest.mark.parametrize("m", [8, 13, 384, 392, 1537])
 @pytest.mark.parametrize("r", [1, 2, 6, 8, 9, 24, 33])
-def test_passes_equal_dense_products(n, m, r):
+def test_passes_equal_dense_products(n, m, r, each_isa):
     """``z P``, ``uᵀ z`` and the fused ``(gy B, hbᵀ gy)`` against float64 products, with
-    token counts and widths that leave row blocks, 16- and 8-wide column strips and rank
-    groups partial (``u`` of ``r + 1`` columns: register tiles of 1 to 6 rank rows)."""
-    if not native.available():
-        pytest.skip("native thin passes unavailable on this CPU")
+    token counts and widths that leave row blocks, two- and one-register column strips
+    and rank groups partial (``u`` of ``r + 1`` columns: register tiles of 1 to 6 rank
+    rows), in each instruction set."""
     g = torch.Generator().manual_seed(n * 1000 + m * 10 + r)
     z = torch.randn(n, m, generator=g)
     p = torch.randn(m, r, generator=g)
@@ -69,12 +68,11 @@ def test_passes_equal_dense_products(n, m, r):
 @pytest.mark.parametrize("n", [64, 67, 2083])
 @pytest.mark.parametrize("m", [8, 13, 384, 392, 1537])
 @pytest.mark.parametrize("r", [1, 7, 32, 64])
-def test_expand_equals_dense_products(n, m, r):
+def test_expand_equals_dense_products(n, m, r, each_isa):
     """``c + u P`` against float64 products, without ``c``, with a row added to every token
     and with a full matrix (the fold ``W + B A``); token counts and widths that leave 6-row
-    tiles, 16- and 8-wide strips and single columns partial."""
-    if not native.available():
-        pytest.skip("native thin passes unavailable on this CPU")
+    tiles, two- and one-register strips and single columns partial, in each instruction
+    set."""
     g = torch.Generator().manual_seed(n * 1000 + m * 10 + r)
     u, p = torch.randn(n, r, generator=g), torch.randn(r, m, generator=g)
     row, mat = torch.randn(m, generator=g), torch.randn(n, m, generator=g)
@@ -104,13 +102,25 @@ def test_thread_count_does_not_change_the_result_beyond_rounding(threads):
     assert _rel_err(got, u.double().t() @ z.double()) < 1e-5
 
 
+def test_rank_limits_follow_the_instruction_set(each_isa):
+    """AVX2 kernels take ranks up to 24 (expand: 16), where they still beat BLAS; AVX-512
+    ones, twice as wide, up to 64 for both."""
+    wide = each_isa == "avx512"
+    assert native.max_rank() == (native.MAX_RANK_AVX512 if wide else native.MAX_RANK)
+    want = native.MAX_RANK_AVX512 if wide else native.MAX_EXPAND_RANK
+    assert native.max_rank(expand=True) == want
+    big = torch.randn(128, 16)
+    assert native.usable(big, rank=want, expand=True)
+    assert not native.usable(big, rank=want + 1, expand=True)
+
+
 def test_usable_only_for_plain_contiguous_float32_token_matrices():
     ok = native.available()
     big = torch.randn(128, 16)
     assert native.usable(big, rank=8) == ok
-    assert not native.usable(big, rank=native.MAX_RANK + 1)  # BLAS is faster there
-    assert native.usable(big, rank=native.MAX_EXPAND_RANK, max_rank=native.MAX_EXPAND_RANK) == ok
-    assert not native.usable(big, rank=native.MAX_EXPAND_RANK + 1, max_rank=native.MAX_EXPAND_RANK)
+    assert not native.usable(big, rank=native.max_rank() + 1)  # BLAS is faster there
+    assert native.usable(big, rank=native.max_rank(expand=True), expand=True) == ok
+    assert not native.usable(big, rank=native.max_rank(expand=True) + 1, expand=True)
     assert not native.usable(big.double(), rank=8)
     assert not native.usable(big.t(), rank=8)  # not contiguous
     assert not native.usable(big[:, :8], rank=8)  # a column slice
@@ -127,6 +137,28 @@ def _run_in_subprocess(code: str, **env: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+@needs_native
+def test_instruction_set_chosen_by_environment():
+    """``TENSADAPT_NATIVE_ISA=avx2`` keeps the AVX2 kernels on any CPU; an unknown value
+    switches the kernels off with a status that names the valid ones."""
+    code = "from tensadapt import native; print(native.available(), native.isa())"
+    res = _run_in_subprocess(code, TENSADAPT_NATIVE_ISA="avx2")
+    assert res.returncode == 0, res.stderr
+    if res.stdout.split()[0] == "True":
+        assert res.stdout.split()[1] == "avx2"
+    code = "from tensadapt import native; print(native.available()); print(native.status())"
+    res = _run_in_subprocess(code, TENSADAPT_NATIVE_ISA="sse")
+    assert res.returncode == 0, res.stderr
+    flag, reason = res.stdout.strip().split("\n")
+    assert flag == "False"
+    assert reason == "TENSADAPT_NATIVE_ISA='sse': expected 'auto', 'avx2' or 'avx512'"
+
+
+def test_use_isa_rejects_unknown_sets():
+    with pytest.raises(ValueError, match=r"use_isa: expected one of \['avx2', 'avx512'\]"):
+        native.use_isa("neon")
 
 
 def test_switched_off_by_environment():
@@ -170,12 +202,10 @@ def test_build_is_cached_per_source(tmp_path):
 @pytest.mark.parametrize("with_mix", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_low_rank_linear_same_with_and_without_native(
-    fold, k, with_mix, with_bias, monkeypatch, native_off
+    fold, k, with_mix, with_bias, monkeypatch, native_off, each_isa
 ):
     """Every input gradient of :class:`LowRankLinear` (float32, 96 tokens) with the native
-    passes equals the PyTorch path's to float32 rounding."""
-    if not native.available():
-        pytest.skip("native thin passes unavailable on this CPU")
+    passes, in each instruction set, equals the PyTorch path's to float32 rounding."""
     from tensadapt import low_rank
 
     if not fold:
