@@ -88,11 +88,9 @@ def rank_dropout(h: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]
 def rank_activations(src: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
     """``h = src Āᵀ``: ``(N, k·R)``, each input chunk of ``src`` against ``A`` when ``k > 1``."""
     n = src.shape[0]
-    if k > 1:
-        return (src.reshape(n * k, -1) @ a.t()).view(n, -1)
-    if native.usable(src, rank=a.shape[0]):
-        return native.rows_times(src, a.t())
-    return src @ a.t()
+    z = src.reshape(n * k, -1) if k > 1 else src  # chunk-major rows: (N·k, in / k)
+    h = native.rows_times(z, a.t()) if native.usable(z, rank=a.shape[0]) else z @ a.t()
+    return h.view(n, -1)
 
 
 def block_product(bm: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
