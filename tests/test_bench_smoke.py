@@ -47,3 +47,26 @@ def test_memory_child_reports_every_config(speed, capsys):
     memory = json.loads(line[len("MEMORY ") :])
     assert set(memory) == {"limit", "ta_lora_attn"}
     assert all(v >= 0 for v in memory.values())
+
+
+def test_thin_ops_table_runs(capsys):
+    """``benchmarks/thin_ops.py`` prints one row per rank and width, a BLAS time and one per
+    instruction set in each cell, and leaves the kernels' set as it found it."""
+    from tensadapt import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    path = SPEED.with_name("thin_ops.py")
+    spec = importlib.util.spec_from_file_location("bench_thin_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = native.isa()
+    module.main(["--ranks", "3", "9", "--widths", "40", "--repeats", "1", "--threads", "1"])
+    assert native.isa() == before
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith(("| 3 | 40 |", "| 9 | 40 |"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = row.strip("|").split("|")[2:]
+        assert len(cells) == 4
+        assert all(len(cell.split("/")) >= 2 for cell in cells)  # BLAS and at least AVX2
