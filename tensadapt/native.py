@@ -145,6 +145,7 @@ def _load() -> ctypes.CDLL | None:
     _select(lib, best if wanted == "auto" else ISAS[wanted])
     ptr, size = ctypes.c_void_p, ctypes.c_long
     lib.ta_select_isa.argtypes = [ctypes.c_int]
+    lib.ta_panel_width.argtypes = [ctypes.c_long]
     lib.ta_panel_width.restype = ctypes.c_int
     lib.ta_rows_times.argtypes = [ptr, size, size, ptr, size, ptr, ctypes.c_int]
     lib.ta_rows_times.restype = None
@@ -234,9 +235,10 @@ def usable(*tensors: torch.Tensor, rank: int, expand: bool = False) -> bool:
 
 def pack(p: torch.Tensor) -> torch.Tensor:
     """``P`` (M, R) as ``(⌈R/w⌉, M, w)``, zero padded: the layout the kernels read, ``w`` the
-    floats per vector register (8 with AVX2, 16 with AVX-512)."""
+    floats per vector register (8 with AVX2, 16 with AVX-512 from rank 9 on; at rank 8 a
+    16-wide panel would be half padding, so the AVX2 pass runs it)."""
     m, r = p.shape
-    w = _lib.ta_panel_width()
+    w = _lib.ta_panel_width(r)
     groups = (r + w - 1) // w
     if r % w:
         p = torch.nn.functional.pad(p, (0, groups * w - r))

@@ -26,13 +26,13 @@
 #include "thin_expand.c"
 #undef TA_ISA
 
-int ta_panel_width(void); /* thin_passes.c: 16 while the AVX-512 kernels are in use */
+int ta_isa(void); /* thin_passes.c: the set in use, 256 or 512 */
 
 /* out (N x M) = C + u (N x R) P (R x M); C NULL (zero), a row (cs = 0) or N x M (cs = M).
  * Tokens are split between threads in whole tiles. */
 void ta_rows_expand(const float *u, long N, long R, const float *P, long M, const float *C,
                     long cs, float *out, int threads) {
-    const int wide = ta_panel_width() == 16;
+    const int wide = ta_isa() == 512;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();

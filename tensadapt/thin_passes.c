@@ -9,7 +9,8 @@
  *
  * Each pass is bound by the read of z at low rank and by the FMAs at rank 32; CPU BLAS runs
  * these shapes well below either bound. P arrives packed as (ceil(R / VW), M, VW), zero
- * padded, VW the floats per vector register (ta_panel_width: 8 with AVX2, 16 with AVX-512),
+ * padded, VW the floats per vector register (ta_panel_width: 8 with AVX2, 16 with AVX-512
+ * from rank 9 on),
  * so each token row of z meets one panel row per column of z. Reductions accumulate
  * per-thread partials over token ranges, then sum them. Both passes prefetch the rows AHEAD
  * token rows on: an activation saved in the forward is out of cache by the backward, and the
@@ -52,8 +53,15 @@ int ta_select_isa(int wanted) {
     return isa;
 }
 
-/* Floats per panel row of a packed P for the set in use. */
-int ta_panel_width(void) { return isa == 512 ? 16 : 8; }
+/* The set in use: 256 or 512. */
+int ta_isa(void) { return isa; }
+
+/* Whether z P of rank R runs in AVX-512: from rank 9 on; up to rank 8 a 16-wide panel would
+ * be half padding, and the AVX2 kernel reads the same z with half the panel traffic. */
+static int wide_rows(long R) { return isa == 512 && R > 8; }
+
+/* Floats per panel row of a packed P of rank R for the set in use (8 or 16). */
+int ta_panel_width(long R) { return wide_rows(R) ? 16 : 8; }
 
 /* Token range of thread t out of T, in whole row blocks. */
 static void token_range(long N, int t, int T, long *n0, long *n1) {
@@ -76,7 +84,7 @@ static void sum_partials(float *G, float *extra, int T, long size) {
 /* Token-range forms for other kernels in this library (drop_connect.c). */
 void ta_rows_range(const float *z, long M, const float *packed, long R, float *out, long n0,
                    long n1) {
-    if (isa == 512)
+    if (wide_rows(R))
         rows_times_avx512(z, M, packed, R, out, n0, n1);
     else
         rows_times_avx2(z, M, packed, R, out, n0, n1);
