@@ -78,7 +78,9 @@ class SharedInputLowRank(torch.autograd.Function):
                 gx = gy @ w_folds[m] if gx is None else gx.addmm_(gy, w_folds[m])
             gh_m = grad = None
             if need_b[m] or need_bias[m]:
-                h_m = h if shared else h[:, m * r : (m + 1) * r]
+                # a column slice of h has row stride g·R: copied (N × R), the native pass
+                # reads contiguous rows
+                h_m = h if shared else h[:, m * r : (m + 1) * r].contiguous()
                 if need_bias[m]:
                     h_m = torch.cat([h_m, h_m.new_ones(n, 1)], dim=1)
                 if need_a and native.usable(

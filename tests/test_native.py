@@ -280,19 +280,24 @@ def test_native_passes_are_used_in_a_float32_step(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("shared", [True, False])
-def test_shared_input_node_same_with_and_without_native(shared, native_off):
+@pytest.mark.parametrize("train_bias", [True, False])
+def test_shared_input_node_same_with_and_without_native(
+    shared, train_bias, native_off, monkeypatch
+):
+    """Outputs and gradients equal the PyTorch path's, and every member's ``gy`` meets the
+    fused native pass (with separate ``A`` its ``h`` is a column slice of the joint one)."""
     if not native.available():
         pytest.skip("native thin passes unavailable on this CPU")
     n, d, r, outs = 80, 32, 8, (32, 16, 16)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, d, generator=g).requires_grad_()
     ws = [torch.randn(o, d, generator=g) for o in outs]
-    biases = [torch.randn(o, generator=g).requires_grad_() for o in outs]
+    biases = [torch.randn(o, generator=g).requires_grad_(train_bias) for o in outs]
     a_list = [torch.randn(r, d, generator=g).requires_grad_() for _ in outs]
     b_list = [torch.randn(o, r, generator=g).requires_grad_() for o in outs]
     gys = [torch.randn(n, o, generator=g) for o in outs]
     used_a = a_list[:1] if shared else a_list
-    leaves = [x, *biases, *used_a, *b_list]
+    leaves = [x, *(biases if train_bias else []), *used_a, *b_list]
 
     def run():
         for t in leaves:
@@ -301,7 +306,13 @@ def test_shared_input_node_same_with_and_without_native(shared, native_off):
         torch.autograd.backward(ys, gys)
         return [y.detach() for y in ys], [t.grad.clone() for t in leaves]
 
+    passes: list[int] = []
+    real = native.grad_pass
+    monkeypatch.setattr(
+        native, "grad_pass", lambda gy, *a: passes.append(gy.shape[1]) or real(gy, *a)
+    )
     fast = run()
+    assert sorted(passes) == sorted(outs)
     with native_off():
         slow = run()
     for got, want in zip(fast[0] + fast[1], slow[0] + slow[1]):
