@@ -65,10 +65,17 @@ class Family:
     labels: Callable[[int], torch.Tensor]
     embed: str  # the module whose output starts the backward pass of the limit
     head: str
-    peft_attn: list[str]
-    peft_all: list[str]
+    # PEFT's target_modules: names matched as suffixes, or one regex matched in full
+    # ("qkv, proj, fc1, fc2" as suffixes would also take the patch embedding's conv ``proj``,
+    # and "dense" BERT's pooler)
+    peft_attn: list[str] | str
+    peft_all: list[str] | str
     ta_attn: list[str]
     attn_label: str
+    # role -> module regex for tensadapt's generic resolver, so that its LoRA rows adapt the
+    # very maps PEFT's do (None: the structural roles ``ta_attn`` / ``all`` already do)
+    ta_attn_modules: dict[str, str] | None = None
+    ta_all_modules: dict[str, str] | None = None
 
 
 def _vit(tiny: bool) -> Callable[[], nn.Module]:
@@ -129,9 +136,19 @@ def families(tiny: bool, seq: int) -> dict[str, Family]:
             embed="patch_embed",
             head="head",
             peft_attn=["qkv"],
-            peft_all=["qkv", "proj", "fc1", "fc2"],
+            peft_all=r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
             ta_attn=["q", "k", "v"],
             attn_label="qkv",
+            # PEFT's target "qkv" is one rank-8 map over the fused q, k, v output; the
+            # structural roles q, k, v would be three rank-8 maps on its row slices (1.5x the
+            # parameters), so the LoRA rows name the modules instead (the role only labels them)
+            ta_attn_modules={"q": r"blocks\.\d+\.attn\.qkv"},
+            ta_all_modules={
+                "q": r"blocks\.\d+\.attn\.qkv",
+                "o": r"blocks\.\d+\.attn\.proj",
+                "fc1": r"blocks\.\d+\.mlp\.fc1",
+                "fc2": r"blocks\.\d+\.mlp\.fc2",
+            },
         ),
         "minilm": Family(
             name=f"MiniLM-L6 seq {seq}" if not tiny else "tiny BERT",
@@ -144,7 +161,8 @@ def families(tiny: bool, seq: int) -> dict[str, Family]:
             embed="bert.embeddings",
             head="classifier",
             peft_attn=["query", "key", "value", "attention.output.dense"],
-            peft_all=["query", "key", "value", "dense"],
+            peft_all=r".*encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)"
+            r"|intermediate\.dense|output\.dense)",
             ta_attn=["q", "k", "v", "o"],
             attn_label="q,k,v,o",
         ),
@@ -162,10 +180,19 @@ def _preset(name: str, **kw: Any) -> Callable[[Family, nn.Module], nn.Module]:
     return lambda fam, base: _ta(fam, base, ta.presets.get(name, **kw))
 
 
-def _lora(targets: str) -> Callable[[Family, nn.Module], nn.Module]:
+def _lora(targets: str, structural: bool = False) -> Callable[[Family, nn.Module], nn.Module]:
+    """tensadapt's LoRA r=8 on PEFT's maps (``targets`` "attn" or "all"), or with
+    ``structural`` on the roles the structural resolver finds (q, k, v slices of a fused
+    ``qkv``)."""
+
     def build(fam: Family, base: nn.Module) -> nn.Module:
-        roles = fam.ta_attn if targets == "attn" else ["all"]
-        return _ta(fam, base, ta.presets.get("lora", rank=8, targets=roles))
+        modules = fam.ta_attn_modules if targets == "attn" else fam.ta_all_modules
+        if modules is None or structural:
+            roles = fam.ta_attn if targets == "attn" else ["all"]
+            return _ta(fam, base, ta.presets.get("lora", rank=8, targets=roles))
+        cfg = ta.presets.get("lora", rank=8, targets=list(modules))
+        cfg.target_modules = dict(modules)
+        return _ta(fam, base, cfg)
 
     return build
 
@@ -222,6 +249,17 @@ def configurations(fam: Family) -> list[Config]:
         Config(
             "ta_lora_attn", f"tensadapt LoRA r=8 {a}", _lora("attn"), "peft_lora_attn", {"quick"}
         ),
+        *(
+            [
+                Config(
+                    "ta_lora_slices",
+                    "tensadapt LoRA r=8 on q,k,v row slices (3 maps per qkv)",
+                    _lora("attn", structural=True),
+                )
+            ]
+            if fam.ta_attn_modules is not None
+            else []
+        ),
         Config("peft_lora_all", "PEFT LoRA r=8 all linear", _peft("all"), tags={"quick"}),
         Config(
             "ta_lora_all", "tensadapt LoRA r=8 all linear", _lora("all"), "peft_lora_all", {"quick"}
@@ -276,6 +314,13 @@ class Runner:
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.inputs = fam.inputs(batch)
         self.labels = fam.labels(batch)
+        # trainable parameters outside the classifier head: equal for a PEFT row and the
+        # tensadapt row compared with it
+        self.adapter_params = sum(
+            p.numel()
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and f"{fam.head}." not in name
+        )
 
     def step(self) -> float:
         t0 = time.perf_counter()
@@ -347,6 +392,7 @@ def time_configs(
             "max": max(v),
             "paired": statistics.median(ratios[k]) if ratios[k] else float("nan"),
             "plans": plans[k],
+            "adapter_params": runners[k].adapter_params,
             "faults": statistics.median(faults[k]),
         }
         for k, v in times.items()
@@ -516,8 +562,8 @@ def report_family(
     merged: dict[str, dict[str, float]] | None,
 ) -> list[str]:
     lines = [f"### {fam.name}", ""]
-    head = "| config | median s | min-max s | × limit (paired) | × limit (minima) | × PEFT |"
-    lines += [head + " peak MB | plans 1st/after | faults/step |", "|" + "---|" * 9]
+    head = "| config | params | median s | min-max s | × limit (paired) | × limit (minima) |"
+    lines += [head + " × PEFT | peak MB | plans 1st/after | faults/step |", "|" + "---|" * 10]
     low = timing["limit"]["min"]
     for c in configs:
         t = timing[c.key]
@@ -527,7 +573,8 @@ def report_family(
         mem = f"{memory[c.key]:.0f}" if memory and c.key in memory else ""
         p = t["plans"]
         lines.append(
-            f"| {c.label} | {t['median']:.3f} | {t['min']:.3f}-{t['max']:.3f} | "
+            f"| {c.label} | {t['adapter_params']:,} | {t['median']:.3f} | "
+            f"{t['min']:.3f}-{t['max']:.3f} | "
             f"{t['paired']:.3f} | {t['min'] / low:.3f} | {vs_peft} | {mem} | "
             f"{p['first_step_built']}/{p['warmup_built'] + p.get('timed_built', 0)} | "
             f"{t['faults']:.0f} |"
@@ -578,7 +625,16 @@ def targets_check(
             f"[info] {fam}: CaRA / CaRA materialise (folded) = {value[0]:.3f} "
             f"(minima: {value[1]:.3f})"
         )
-    presets = ["ta_lora_attn", "cara", "cara_preset", "tenslora", "fact_tk", "fact_tt", "lotr"]
+    presets = [
+        "ta_lora_attn",
+        "ta_lora_slices",
+        "cara",
+        "cara_preset",
+        "tenslora",
+        "fact_tk",
+        "fact_tt",
+        "lotr",
+    ]
     presets += ["lorta", "metatt", "serial_lora"]
     for k in presets:
         line(f"{k} / limit", ratio(k, "limit"), 1.25)
