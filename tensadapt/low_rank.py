@@ -6,11 +6,14 @@ the update costs as few passes over the big activations as possible:
 * **folded** (float32/float64, no input or rank dropout): ``W' = W + B Ā`` is formed once a
   step (an ``out × in`` product of rank ``R``, cheap next to a token-sized pass) and kept for
   the backward; the forward is one matmul ``y = x W'ᵀ + b``. In the backward ``gy W'`` is
-  the input gradient. What remains is ``h = x Aᵀ`` (forward), ``gh = gy B``, ``gAᵀ = ghᵀ x``
-  and ``gB = gyᵀ h``. With :mod:`tensadapt.native` (float32 on an AVX2 CPU) these are three
-  passes, each one read of an activation (``gh`` and ``gB`` share the read of ``gy``);
-  otherwise ``gh`` comes from the widened matmul ``gy [W' | B]`` unless ``gy`` is narrower
-  than ``x``, and the others run on BLAS.
+  the input gradient. What remains is ``h = x Aᵀ``, ``gh = gy B``, ``gAᵀ = ghᵀ x`` and
+  ``gB = gyᵀ h``. With :mod:`tensadapt.native` (float32 on an AVX2 CPU), for a plain ``B A``
+  with a frozen bias, all four come from one read of ``x`` and ``gy`` in the backward
+  (:func:`tensadapt.native.factor_grads`, block by block of tokens), and the forward has no
+  pass of its own; with chunks, a mix or a trained bias they are three passes, each one read
+  of an activation (``h`` in the forward; ``gh`` and ``gB`` share the read of ``gy``).
+  Without native kernels ``gh`` comes from the widened matmul ``gy [W' | B]`` unless ``gy``
+  is narrower than ``x``, and the others run on BLAS.
 * **unfolded** (half precision, where ``W + B Ā`` would round the update away; input or rank
   dropout, where ``x' ≠ x`` or ``h`` is masked): the thin products come first, ``b + h Bᵀ``
   and ``gh A``, and the big ones accumulate into them in place (``addmm_``): a big matmul
@@ -182,7 +185,17 @@ class LowRankLinear(torch.autograd.Function):
         a = a.contiguous()
         n = x.shape[0]
         w_fold = mask = None
-        h = rank_activations(src, a, k)
+        # the plain folded map with native kernels: h = x Aᵀ is left to the backward's one
+        # pass over x and gy (native.factor_grads), which forms it block by block
+        fused = (
+            fold
+            and k == 1
+            and mix is None
+            and not ctx.needs_input_grad[3]
+            and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+            and native.usable(x, rank=a.shape[0])
+        )
+        h = None if fused else rank_activations(src, a, k)
         if fold:
             b_eff = bm if mix is None else bm @ mix
             weight = folded_weight(w, a, b_eff, k)
@@ -202,7 +215,7 @@ class LowRankLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             # the bias gradient rides on the B gradient: gyᵀ [hb | 1] in one pass over gy
             hb = torch.cat([hb, hb.new_ones(n, 1)], dim=1)
-        ctx.has_xa, ctx.k, ctx.p, ctx.fold = xa is not None, k, p, fold
+        ctx.has_xa, ctx.k, ctx.p, ctx.fold, ctx.fused = xa is not None, k, p, fold, fused
         h_mix = h if mix is not None and not fold else None  # for gM = ggᵀ h
         ctx.save_for_backward(src, w, a, bm, h_mix, hb, mask, mix, w_fold)
         return out
@@ -214,6 +227,12 @@ class LowRankLinear(torch.autograd.Function):
         need_mix = bool(rest and rest[0])
         k, n, d_in, fold = ctx.k, gy.shape[0], w.shape[1], ctx.fold
         gx = gxa = gb = ga = gbm = gmix = None
+        if ctx.fused:  # one read of x and gy for both factor gradients
+            gy = gy.contiguous()
+            ((ga, gbm),) = native.factor_grads(src, [gy], [a], [bm])
+            gx = gy @ w_fold if need_x else None
+            grads = (gx, None, None, None, ga if need_a else None, gbm if need_bm else None)
+            return (*grads, None, None, None)[: len(ctx.needs_input_grad)]
         need_gh = need_xa or need_a or (need_x and not fold)
         # gg = gy B_eff, the B the forward multiplied by: (out, k·R) folded (B M), else
         # (out, R') with a mix; then gh = gg M (unfolded with a mix) or gg

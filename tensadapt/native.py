@@ -4,10 +4,11 @@ A low-rank adapter's extra work is a few passes over big activations with a rank
 matrix: ``h = x Aᵀ``, ``gh = gy B``, ``gAᵀ = ghᵀ x``, ``gBᵀ = hᵀ gy``. Each is bound by the
 read of the activation, yet CPU BLAS runs these shapes at about half that speed (for
 ``x`` 2080 × 1536 and ``R = 8``: ``x Aᵀ`` 1.8 ms, ``hᵀ x`` 2.0 ms, reading ``x`` once
-0.8 ms). ``thin_passes.c`` does them in one read each, and ``gy B`` with ``hᵀ gy`` in one
-read together (:func:`grad_pass`). ``thin_expand.c`` forms the thin-to-wide products
-``C + u P`` (``b + h Bᵀ``, ``gh A``, ``W + B A``) with each output tile in registers over
-the rank (:func:`rows_expand`).
+0.8 ms). ``thin_passes.c`` does them in one read each, ``gy B`` with ``hᵀ gy`` in one
+read together (:func:`grad_pass`), and all four for maps that read one ``x`` in one read of
+``x`` and each ``gy``, block by block of tokens (:func:`factor_grads`). ``thin_expand.c``
+forms the thin-to-wide products ``C + u P`` (``b + h Bᵀ``, ``gh A``, ``W + B A``) with
+each output tile in registers over the rank (:func:`rows_expand`).
 
 ``drop_connect.c`` applies DropConnect to a low-rank update while folding it into the
 frozen weight (:func:`drop_fold`), gives the factor gradients from thin passes and the
@@ -153,6 +154,9 @@ def _load() -> ctypes.CDLL | None:
     lib.ta_cols_reduce.restype = ctypes.c_int
     lib.ta_grad_pass.argtypes = [ptr, size, size, ptr, size, ptr, ptr, size, ptr, ctypes.c_int]
     lib.ta_grad_pass.restype = ctypes.c_int
+    lib.ta_factor_grads.argtypes = [ctypes.c_int, ptr, size, size, ptr, ptr, ptr, ptr, size]
+    lib.ta_factor_grads.argtypes += [ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.ta_factor_grads.restype = ctypes.c_int
     lib.ta_rows_expand.argtypes = [ptr, size, size, ptr, size, ptr, size, ptr, ctypes.c_int]
     lib.ta_rows_expand.restype = None
     u32, i32 = ctypes.c_uint32, ctypes.c_int
@@ -286,6 +290,43 @@ def grad_pass(
     if status != 0:
         raise MemoryError(f"thin pass hbᵀ gy: no scratch memory for {_threads()} × {rh} × {m}")
     return gh, g
+
+
+#: most maps :func:`factor_grads` takes in one call
+MAX_MAPS = 16
+
+
+def factor_grads(
+    x: torch.Tensor, gys: list[torch.Tensor], a_list: list[torch.Tensor], b_list: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(gA_j, gB_j)]`` with ``gA_j = (gy_j B_j)ᵀ x`` and ``gB_j = gy_jᵀ (x A_jᵀ)``: the factor
+    gradients of maps ``y_j = x (W_j + B_j A_j)ᵀ`` that read one ``x`` (N, K), in one read of
+    ``x`` and of each ``gy_j`` (N, M_j); ``A_j`` (R, K), ``B_j`` (M_j, R), one rank ``R``, at
+    most :data:`MAX_MAPS` maps. The rank activations ``x A_jᵀ`` and ``gy_j B_j`` are formed
+    block by block on the way."""
+    n, k = x.shape
+    maps = len(gys)
+    r = a_list[0].shape[0] if a_list else 0
+    if not 1 <= maps <= MAX_MAPS or any(t.shape[0] != r for t in a_list):
+        raise ValueError(f"factor_grads: 1 to {MAX_MAPS} maps of one rank, got {maps} maps")
+    pas = [pack(a.detach().t()) for a in a_list]  # held until the call returns
+    pbs = [pack(b.detach()) for b in b_list]
+    hs = [x.new_empty(n, r) for _ in gys]
+    gs = [x.new_empty(n, r) for _ in gys]
+    gas = [x.new_empty(r, k) for _ in gys]
+    gbts = [x.new_empty(r, gy.shape[1]) for gy in gys]
+
+    def ptrs(ts: list[torch.Tensor]) -> ctypes.Array:
+        return (ctypes.c_void_p * maps)(*(t.data_ptr() for t in ts))
+
+    widths = (ctypes.c_long * maps)(*(gy.shape[1] for gy in gys))
+    status = _lib.ta_factor_grads(
+        maps, x.data_ptr(), k, n, ptrs(gys), widths, ptrs(pas), ptrs(pbs), r, ptrs(hs),
+        ptrs(gs), ptrs(gas), ptrs(gbts), _threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"factor gradients: no scratch memory for {_threads()} threads")
+    return [(ga, gbt.t()) for ga, gbt in zip(gas, gbts)]
 
 
 def rows_expand(u: torch.Tensor, p: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:

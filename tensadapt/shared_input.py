@@ -5,8 +5,12 @@
 nodes, each passes over ``x`` for ``h_m = x A_mᵀ`` and for ``gA_mᵀ = gh_mᵀ x``, and autograd
 adds the ``g`` input gradients. Here:
 
-* ``h = x [A_1; …; A_g]ᵀ`` is one pass over ``x`` (or ``x Aᵀ`` when every member has the
-  same ``A``: CaRA's q, k and v share their input-side factors);
+* with separate ``A_m`` and frozen biases (LoRA's q, k, v) and the native kernels, the
+  backward reads ``x`` and every ``gy_m`` once for all factor gradients
+  (:func:`tensadapt.native.factor_grads`: ``h_m`` and ``gh_m`` are formed block by block on
+  the way), and the forward has no pass over ``x`` of its own;
+* otherwise ``h = x [A_1; …; A_g]ᵀ`` is one pass over ``x`` (or ``x Aᵀ`` when every member
+  has the same ``A``: CaRA's q, k and v share their input-side factors);
 * ``gAᵀ = ghᵀ x`` is one pass, with ``gh = [gy_1 B_1 | … | gy_g B_g]`` (shared ``A``: the sum
   ``Σ_m gy_m B_m``);
 * ``gx = Σ_m gy_m W'_m`` accumulates in place into one buffer (``addmm_``);
@@ -39,18 +43,29 @@ class SharedInputLowRank(torch.autograd.Function):
         # x Aᵀ runs 1.8x slower against a column-major A
         a_list = [a_list[0].contiguous()] * g if shared else [a.contiguous() for a in a_list]
         a_all = a_list[0] if shared else torch.cat(a_list)
-        h = (
-            native.rows_times(x, a_all.t())
-            if native.usable(x, rank=a_all.shape[0])
-            else x @ a_all.t()
+        needs = ctx.needs_input_grad
+        # separate A_m with native kernels: h is left to the backward's one pass over x and
+        # every gy_m (native.factor_grads), which forms it block by block
+        fused = (
+            not shared
+            and g <= native.MAX_MAPS
+            and not any(needs[2 + g : 2 + 2 * g])
+            and any(needs[2 + 2 * g : 2 + 4 * g])
+            and native.usable(x, rank=a_all.shape[0])
         )
+        if fused:
+            h = None
+        elif native.usable(x, rank=a_all.shape[0]):
+            h = native.rows_times(x, a_all.t())
+        else:
+            h = x @ a_all.t()
         outs, w_folds = [], []
         for m in range(g):
             w_fold = folded_weight(ws[m], a_list[m], b_list[m], 1)
             b = biases[m]
             outs.append(torch.addmm(b, x, w_fold.t()) if b is not None else x @ w_fold.t())
             w_folds.append(w_fold)
-        ctx.g, ctx.shared, ctx.rank = g, shared, a_list[0].shape[0]
+        ctx.g, ctx.shared, ctx.rank, ctx.fused = g, shared, a_list[0].shape[0], fused
         ctx.save_for_backward(x, h, a_all, *w_folds, *b_list)
         return tuple(outs)
 
@@ -65,6 +80,8 @@ class SharedInputLowRank(torch.autograd.Function):
         need_a = any(needs[2 + 2 * g : 2 + 3 * g])
         need_b = needs[2 + 3 * g : 2 + 4 * g]
         n = x.shape[0]
+        if ctx.fused:
+            return _fused_backward(x, a_all, w_folds, b_list, gys, needs, r)
         gx = None
         gh_parts: list[torch.Tensor | None] = []
         g_bias: list[torch.Tensor | None] = [None] * g
@@ -108,3 +125,35 @@ class SharedInputLowRank(torch.autograd.Function):
         if not shared:
             g_a = [ga if needs[2 + 2 * g + m] else None for m, ga in enumerate(g_a)]
         return (gx, None, *([None] * g), *g_bias, *g_a, *g_b)
+
+
+def _fused_backward(
+    x: torch.Tensor,
+    a_all: torch.Tensor,
+    w_folds: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    gys: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, ...],
+    r: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward with separate ``A_m`` and frozen biases: ``gx = Σ_m gy_m W'_m`` in one
+    buffer, and every ``gA_m = (gy_m B_m)ᵀ x``, ``gB_m = gy_mᵀ (x A_mᵀ)`` from one read of
+    ``x`` and of each ``gy_m`` (:func:`tensadapt.native.factor_grads`)."""
+    g = len(w_folds)
+    live = [m for m, gy in enumerate(gys) if gy is not None]  # outputs in the loss
+    gy_live = [gys[m].contiguous() for m in live]
+    gx = None
+    if needs[0]:
+        for m, gy in zip(live, gy_live):
+            gx = gy @ w_folds[m] if gx is None else gx.addmm_(gy, w_folds[m])
+    g_a: list[torch.Tensor | None] = [None] * g
+    g_b: list[torch.Tensor | None] = [None] * g
+    if live:
+        a_parts = a_all.split(r)
+        pairs = native.factor_grads(
+            x, gy_live, [a_parts[m] for m in live], [b_list[m] for m in live]
+        )
+        for m, (ga, gb) in zip(live, pairs):
+            g_a[m] = ga if needs[2 + 2 * g + m] else None
+            g_b[m] = gb if needs[2 + 3 * g + m] else None
+    return (gx, None, *([None] * g), *([None] * g), *g_a, *g_b)

@@ -6,6 +6,8 @@
  *   ta_rows_times:  out = z P          (N x R)   e.g. h = x A^T, gh = gy B
  *   ta_cols_reduce: G   = u^T z        (R x M)   e.g. gA^T = gh^T x, gB^T = h^T gy
  *   ta_grad_pass:   both of the above on the same z in one read (gh = gy B, gB^T = hb^T gy)
+ *   ta_factor_grads: folded maps' gA and gB in one read of x and each gy (h = x A^T, gh = gy B,
+ *                    gA = gh^T x, gB^T = h^T gy on each block of tokens; maps sharing x)
  *
  * Each pass is bound by the read of z at low rank and by the FMAs at rank 32; CPU BLAS runs
  * these shapes well below either bound. P arrives packed as (ceil(R / VW), M, VW), zero
@@ -143,6 +145,60 @@ int ta_cols_reduce(const float *u, long N, long R, const float *z, long M, float
 int ta_grad_pass(const float *gy, long N, long M, const float *packed, long R, float *gh,
                  const float *hb, long Rh, float *G, int threads) {
     return reduce_tokens(gy, N, M, packed, R, gh, hb, Rh, G, threads);
+}
+
+/* The factor gradients of G folded low-rank maps y_j = x (W_j + B_j A_j)^T + b_j (j < G <=
+ * MAX_MAPS, all of rank R, one input x of N x K) in one read of x and of each gy_j (N x M_j):
+ * per block of tokens, h_j = x A_j^T and g_j = gy_j B_j (rows passes into h[j] and g[j], N x R
+ * each), then GA_j = g_j^T x (R x K) and GB_j = h_j^T gy_j (R x M_j) accumulate while the block
+ * is in cache. pa[j] = pack(A_j^T), pb[j] = pack(B_j). Done apart, h_j would be a pass over x
+ * in the forward and g_j^T x a second read of x in the backward. 0, or -1 without scratch
+ * memory or with more than MAX_MAPS maps. */
+#define MAX_MAPS 16
+int ta_factor_grads(int G, const float *x, long K, long N, const float *const *gy, const long *M,
+                    const float *const *pa, const float *const *pb, long R, float *const *h,
+                    float *const *g, float *const *GA, float *const *GB, int threads) {
+    if (G < 1 || G > MAX_MAPS) return -1;
+    long offset[MAX_MAPS + 1]; /* of map j's [GA_j | GB_j] in a thread's partials */
+    offset[0] = 0;
+    for (int j = 0; j < G; ++j) offset[j + 1] = offset[j] + R * (K + M[j]);
+    const long size = offset[G];
+    float *extra = threads > 1 ? calloc((size_t)(threads - 1) * (size_t)size, sizeof(float)) : NULL;
+    if (threads > 1 && extra == NULL) return -1;
+    for (int j = 0; j < G; ++j) {
+        memset(GA[j], 0, sizeof(float) * (size_t)(R * K));
+        memset(GB[j], 0, sizeof(float) * (size_t)(R * M[j]));
+    }
+    int used = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        long n0, n1;
+        token_range(N, t, T, &n0, &n1);
+        float *mine = t == 0 ? NULL : extra + (size_t)(t - 1) * (size_t)size;
+        for (long n = n0; n < n1; n += ROW_BLOCK) {
+            long e = n + ROW_BLOCK < n1 ? n + ROW_BLOCK : n1;
+            for (int j = 0; j < G; ++j) {
+                float *da = mine ? mine + offset[j] : GA[j];
+                float *db = mine ? mine + offset[j] + R * K : GB[j];
+                ta_rows_range(x, K, pa[j], R, h[j], n, e);
+                ta_rows_range(gy[j], M[j], pb[j], R, g[j], n, e);
+                ta_cols_range(h[j], R, gy[j], M[j], db, n, e);
+                ta_cols_range(g[j], R, x, K, da, n, e);
+            }
+        }
+        if (t == 0) used = T;
+    }
+    for (int t = 1; t < used; ++t) {
+        const float *part = extra + (size_t)(t - 1) * (size_t)size;
+        for (int j = 0; j < G; ++j) {
+            const float *pa_t = part + offset[j], *pb_t = pa_t + R * K;
+            for (long i = 0; i < R * K; ++i) GA[j][i] += pa_t[i];
+            for (long i = 0; i < R * M[j]; ++i) GB[j][i] += pb_t[i];
+        }
+    }
+    free(extra);
+    return 0;
 }
 
 #else /* ------------------------------------------ kernels, once per instruction set (simd.h) */

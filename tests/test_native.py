@@ -65,6 +65,36 @@ def test_passes_equal_dense_products(n, m, r, each_isa):
 
 
 @needs_native
+@pytest.mark.parametrize(
+    "n, k, widths, r", [(64, 8, [13], 1), (67, 392, [384, 24, 1537], 7), (2083, 384, [1152], 24)]
+)
+def test_factor_grads_equal_dense_products(n, k, widths, r, each_isa):
+    """``(gy B)ᵀ x`` and ``gyᵀ (x Aᵀ)`` for maps sharing ``x``, against float64 products, with
+    partial row blocks and rank groups, in each instruction set."""
+    g = torch.Generator().manual_seed(n + k + r)
+    x = torch.randn(n, k, generator=g)
+    gys = [torch.randn(n, m, generator=g) for m in widths]
+    a_list = [torch.randn(r, k, generator=g) for _ in widths]
+    b_list = [torch.randn(m, r, generator=g) for m in widths]
+    pairs = native.factor_grads(x, gys, a_list, b_list)
+    for (ga, gb), gy, a, b in zip(pairs, gys, a_list, b_list):
+        xd, gyd = x.double(), gy.double()
+        assert ga.shape == a.shape and gb.shape == b.shape
+        assert _rel_err(ga, (gyd @ b.double()).t() @ xd) < 1e-5
+        assert _rel_err(gb, gyd.t() @ (xd @ a.double().t())) < 1e-5
+
+
+@needs_native
+def test_factor_grads_rejects_bad_map_counts():
+    x = torch.randn(64, 8)
+    with pytest.raises(ValueError, match="1 to 16 maps of one rank"):
+        native.factor_grads(x, [], [], [])
+    with pytest.raises(ValueError, match="1 to 16 maps of one rank"):
+        gys = [torch.randn(64, 8)] * 2
+        native.factor_grads(x, gys, [torch.randn(2, 8), torch.randn(3, 8)], [torch.randn(8, 2)] * 2)
+
+
+@needs_native
 @pytest.mark.parametrize("n", [64, 67, 2083])
 @pytest.mark.parametrize("m", [8, 13, 384, 392, 1537])
 @pytest.mark.parametrize("r", [1, 7, 32, 64])
@@ -284,8 +314,9 @@ def test_native_passes_are_used_in_a_float32_step(monkeypatch):
 def test_shared_input_node_same_with_and_without_native(
     shared, train_bias, native_off, monkeypatch
 ):
-    """Outputs and gradients equal the PyTorch path's, and every member's ``gy`` meets the
-    fused native pass (with separate ``A`` its ``h`` is a column slice of the joint one)."""
+    """Outputs and gradients equal the PyTorch path's, and every member's ``gy`` meets a
+    fused native pass: ``gy B`` with ``hᵀ gy``, or, with separate ``A`` and frozen biases,
+    both factor gradients in one read of ``x`` and every ``gy``."""
     if not native.available():
         pytest.skip("native thin passes unavailable on this CPU")
     n, d, r, outs = 80, 32, 8, (32, 16, 16)
@@ -307,10 +338,16 @@ def test_shared_input_node_same_with_and_without_native(
         return [y.detach() for y in ys], [t.grad.clone() for t in leaves]
 
     passes: list[int] = []
-    real = native.grad_pass
+    real_pass, real_grads = native.grad_pass, native.factor_grads
+
+    def factor_grads(x, gys, *rest):
+        passes.extend(gy.shape[1] for gy in gys)
+        return real_grads(x, gys, *rest)
+
     monkeypatch.setattr(
-        native, "grad_pass", lambda gy, *a: passes.append(gy.shape[1]) or real(gy, *a)
+        native, "grad_pass", lambda gy, *a: passes.append(gy.shape[1]) or real_pass(gy, *a)
     )
+    monkeypatch.setattr(native, "factor_grads", factor_grads)
     fast = run()
     assert sorted(passes) == sorted(outs)
     with native_off():
