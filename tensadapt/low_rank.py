@@ -8,10 +8,10 @@ the update costs as few passes over the big activations as possible:
   the backward; the forward is one matmul ``y = x W'ᵀ + b``. In the backward ``gy W'`` is
   the input gradient. What remains is ``h = x Aᵀ``, ``gh = gy B``, ``gAᵀ = ghᵀ x`` and
   ``gB = gyᵀ h``. With :mod:`tensadapt.native` (float32 on an AVX2 CPU), for a plain ``B A``
-  with a frozen bias, all four come from one read of ``x`` and ``gy`` in the backward
-  (:func:`tensadapt.native.factor_grads`, block by block of tokens), and the forward has no
-  pass of its own; with chunks, a mix or a trained bias they are three passes, each one read
-  of an activation (``h`` in the forward; ``gh`` and ``gB`` share the read of ``gy``).
+  all four, and a trained bias's ``1ᵀ gy``, come from one read of ``x`` and ``gy`` in the
+  backward (:func:`tensadapt.native.factor_grads`, block by block of tokens), and the forward
+  has no pass of its own; with chunks or a mix they are three passes, each one read of an
+  activation (``h`` in the forward; ``gh`` and ``gB`` share the read of ``gy``).
   Without native kernels ``gh`` comes from the widened matmul ``gy [W' | B]`` unless ``gy``
   is narrower than ``x``, and the others run on BLAS.
 * **unfolded** (half precision, where ``W + B Ā`` would round the update away; input or rank
@@ -191,7 +191,6 @@ class LowRankLinear(torch.autograd.Function):
             fold
             and k == 1
             and mix is None
-            and not ctx.needs_input_grad[3]
             and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
             and native.usable(x, rank=a.shape[0])
         )
@@ -212,7 +211,7 @@ class LowRankLinear(torch.autograd.Function):
             # it would be one more memory-bound pass reading and writing y
             out = thin_expand(hb, bm.t(), b)
             out.addmm_(x, w.t())
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[3] and not fused:
             # the bias gradient rides on the B gradient: gyᵀ [hb | 1] in one pass over gy
             hb = torch.cat([hb, hb.new_ones(n, 1)], dim=1)
         ctx.has_xa, ctx.k, ctx.p, ctx.fold, ctx.fused = xa is not None, k, p, fold, fused
@@ -227,11 +226,11 @@ class LowRankLinear(torch.autograd.Function):
         need_mix = bool(rest and rest[0])
         k, n, d_in, fold = ctx.k, gy.shape[0], w.shape[1], ctx.fold
         gx = gxa = gb = ga = gbm = gmix = None
-        if ctx.fused:  # one read of x and gy for both factor gradients
+        if ctx.fused:  # one read of x and gy for the factor and bias gradients
             gy = gy.contiguous()
-            ((ga, gbm),) = native.factor_grads(src, [gy], [a], [bm])
+            ((ga, gbm, gb),) = native.factor_grads(src, [gy], [a], [bm], biases=[need_b])
             gx = gy @ w_fold if need_x else None
-            grads = (gx, None, None, None, ga if need_a else None, gbm if need_bm else None)
+            grads = (gx, None, None, gb, ga if need_a else None, gbm if need_bm else None)
             return (*grads, None, None, None)[: len(ctx.needs_input_grad)]
         need_gh = need_xa or need_a or (need_x and not fold)
         # gg = gy B_eff, the B the forward multiplied by: (out, k·R) folded (B M), else

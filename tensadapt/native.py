@@ -5,8 +5,9 @@ matrix: ``h = x Aᵀ``, ``gh = gy B``, ``gAᵀ = ghᵀ x``, ``gBᵀ = hᵀ gy``.
 read of the activation, yet CPU BLAS runs these shapes at about half that speed (for
 ``x`` 2080 × 1536 and ``R = 8``: ``x Aᵀ`` 1.8 ms, ``hᵀ x`` 2.0 ms, reading ``x`` once
 0.8 ms). ``thin_passes.c`` does them in one read each, ``gy B`` with ``hᵀ gy`` in one
-read together (:func:`grad_pass`), and all four for maps that read one ``x`` in one read of
-``x`` and each ``gy``, block by block of tokens (:func:`factor_grads`). ``thin_expand.c``
+read together (:func:`grad_pass`), and all four (with the bias gradients ``1ᵀ gy``) for maps
+that read one ``x`` in one read of ``x`` and each ``gy``, block by block of tokens
+(:func:`factor_grads`). ``thin_expand.c``
 forms the thin-to-wide products ``C + u P`` (``b + h Bᵀ``, ``gh A``, ``W + B A``) with
 each output tile in registers over the rank (:func:`rows_expand`).
 
@@ -154,8 +155,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ta_cols_reduce.restype = ctypes.c_int
     lib.ta_grad_pass.argtypes = [ptr, size, size, ptr, size, ptr, ptr, size, ptr, ctypes.c_int]
     lib.ta_grad_pass.restype = ctypes.c_int
-    lib.ta_factor_grads.argtypes = [ctypes.c_int, ptr, size, size, ptr, ptr, ptr, ptr, size]
-    lib.ta_factor_grads.argtypes += [ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.ta_factor_grads.argtypes = [ctypes.c_int, ctypes.c_int, ptr, size, size, ptr, ptr, ptr]
+    lib.ta_factor_grads.argtypes += [ptr, size, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.ta_factor_grads.restype = ctypes.c_int
     lib.ta_rows_expand.argtypes = [ptr, size, size, ptr, size, ptr, size, ptr, ctypes.c_int]
     lib.ta_rows_expand.restype = None
@@ -297,36 +298,60 @@ MAX_MAPS = 16
 
 
 def factor_grads(
-    x: torch.Tensor, gys: list[torch.Tensor], a_list: list[torch.Tensor], b_list: list[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(gA_j, gB_j)]`` with ``gA_j = (gy_j B_j)ᵀ x`` and ``gB_j = gy_jᵀ (x A_jᵀ)``: the factor
-    gradients of maps ``y_j = x (W_j + B_j A_j)ᵀ`` that read one ``x`` (N, K), in one read of
-    ``x`` and of each ``gy_j`` (N, M_j); ``A_j`` (R, K), ``B_j`` (M_j, R), one rank ``R``, at
-    most :data:`MAX_MAPS` maps. The rank activations ``x A_jᵀ`` and ``gy_j B_j`` are formed
-    block by block on the way."""
+    x: torch.Tensor,
+    gys: list[torch.Tensor],
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    *,
+    shared: bool = False,
+    biases: list[bool] | None = None,
+) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
+    """``[(gA_j, gB_j, gb_j)]``: the factor and bias gradients of maps
+    ``y_j = x (W_j + B_j A_j)ᵀ + b_j`` that read one ``x`` (N, K), in one read of ``x`` and of
+    each ``gy_j`` (N, M_j). ``A_j`` (R, K), ``B_j`` (M_j, R), one rank ``R``, at most
+    :data:`MAX_MAPS` maps:
+
+    * ``gA_j = (gy_j B_j)ᵀ x`` and ``gB_j = gy_jᵀ (x A_jᵀ)``;
+    * with ``shared`` every map has the one ``A = A_1`` (``a_list`` holds it first):
+      ``gA_1 = (Σ_j gy_j B_j)ᵀ x``, ``gB_j = gy_jᵀ (x Aᵀ)`` and ``gA_j`` None for ``j > 1``;
+    * ``gb_j = 1ᵀ gy_j`` where ``biases[j]``, else None.
+
+    The rank activations ``x A_jᵀ`` and ``gy_j B_j`` are formed block by block on the way."""
     n, k = x.shape
     maps = len(gys)
     r = a_list[0].shape[0] if a_list else 0
     if not 1 <= maps <= MAX_MAPS or any(t.shape[0] != r for t in a_list):
         raise ValueError(f"factor_grads: 1 to {MAX_MAPS} maps of one rank, got {maps} maps")
-    pas = [pack(a.detach().t()) for a in a_list]  # held until the call returns
+    if len(b_list) != maps or (len(a_list) != maps and not shared):
+        need_a = "a shared A" if shared else f"{maps} A factors"
+        raise ValueError(
+            f"factor_grads: {maps} gradients need {maps} B factors and {need_a}, "
+            f"got {len(b_list)} B and {len(a_list)} A"
+        )
+    biases = biases or [False] * maps
+    a_used = a_list[:1] if shared else a_list
+    pas = [pack(a.detach().t()) for a in a_used] * (maps if shared else 1)  # held until return
     pbs = [pack(b.detach()) for b in b_list]
-    hs = [x.new_empty(n, r) for _ in gys]
+    hs = [x.new_empty(n, r) for _ in a_used] * (maps if shared else 1)
     gs = [x.new_empty(n, r) for _ in gys]
-    gas = [x.new_empty(r, k) for _ in gys]
+    gas = [x.new_empty(r, k) for _ in a_used] * (maps if shared else 1)
     gbts = [x.new_empty(r, gy.shape[1]) for gy in gys]
+    gbs = [x.new_empty(gy.shape[1]) if bias else None for gy, bias in zip(gys, biases)]
 
-    def ptrs(ts: list[torch.Tensor]) -> ctypes.Array:
-        return (ctypes.c_void_p * maps)(*(t.data_ptr() for t in ts))
+    def ptrs(ts: list[torch.Tensor | None]) -> ctypes.Array:
+        return (ctypes.c_void_p * maps)(*(None if t is None else t.data_ptr() for t in ts))
 
     widths = (ctypes.c_long * maps)(*(gy.shape[1] for gy in gys))
     status = _lib.ta_factor_grads(
-        maps, x.data_ptr(), k, n, ptrs(gys), widths, ptrs(pas), ptrs(pbs), r, ptrs(hs),
-        ptrs(gs), ptrs(gas), ptrs(gbts), _threads(),
+        maps, int(shared), x.data_ptr(), k, n, ptrs(gys), widths, ptrs(pas), ptrs(pbs), r,
+        ptrs(hs), ptrs(gs), ptrs(gas), ptrs(gbts), ptrs(gbs), _threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError(f"factor gradients: no scratch memory for {_threads()} threads")
-    return [(ga, gbt.t()) for ga, gbt in zip(gas, gbts)]
+    return [
+        (ga if not shared or j == 0 else None, gbt.t(), gb)
+        for j, (ga, gbt, gb) in enumerate(zip(gas, gbts, gbs))
+    ]
 
 
 def rows_expand(u: torch.Tensor, p: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:

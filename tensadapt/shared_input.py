@@ -5,10 +5,10 @@
 nodes, each passes over ``x`` for ``h_m = x A_mᵀ`` and for ``gA_mᵀ = gh_mᵀ x``, and autograd
 adds the ``g`` input gradients. Here:
 
-* with separate ``A_m`` and frozen biases (LoRA's q, k, v) and the native kernels, the
-  backward reads ``x`` and every ``gy_m`` once for all factor gradients
-  (:func:`tensadapt.native.factor_grads`: ``h_m`` and ``gh_m`` are formed block by block on
-  the way), and the forward has no pass over ``x`` of its own;
+* with the native kernels, the backward reads ``x`` and every ``gy_m`` once for all factor
+  and bias gradients (:func:`tensadapt.native.factor_grads`: ``h_m`` and ``gh_m`` are formed
+  block by block on the way; with a shared ``A``, ``h`` once and ``gh = Σ_m gy_m B_m``), and
+  the forward has no pass over ``x`` of its own;
 * otherwise ``h = x [A_1; …; A_g]ᵀ`` is one pass over ``x`` (or ``x Aᵀ`` when every member
   has the same ``A``: CaRA's q, k and v share their input-side factors);
 * ``gAᵀ = ghᵀ x`` is one pass, with ``gh = [gy_1 B_1 | … | gy_g B_g]`` (shared ``A``: the sum
@@ -44,12 +44,10 @@ class SharedInputLowRank(torch.autograd.Function):
         a_list = [a_list[0].contiguous()] * g if shared else [a.contiguous() for a in a_list]
         a_all = a_list[0] if shared else torch.cat(a_list)
         needs = ctx.needs_input_grad
-        # separate A_m with native kernels: h is left to the backward's one pass over x and
-        # every gy_m (native.factor_grads), which forms it block by block
+        # with native kernels h is left to the backward's one pass over x and every gy_m
+        # (native.factor_grads), which forms it block by block
         fused = (
-            not shared
-            and g <= native.MAX_MAPS
-            and not any(needs[2 + g : 2 + 2 * g])
+            g <= native.MAX_MAPS
             and any(needs[2 + 2 * g : 2 + 4 * g])
             and native.usable(x, rank=a_all.shape[0])
         )
@@ -81,7 +79,7 @@ class SharedInputLowRank(torch.autograd.Function):
         need_b = needs[2 + 3 * g : 2 + 4 * g]
         n = x.shape[0]
         if ctx.fused:
-            return _fused_backward(x, a_all, w_folds, b_list, gys, needs, r)
+            return _fused_backward(x, a_all, w_folds, b_list, gys, needs, r, shared)
         gx = None
         gh_parts: list[torch.Tensor | None] = []
         g_bias: list[torch.Tensor | None] = [None] * g
@@ -135,10 +133,12 @@ def _fused_backward(
     gys: tuple[torch.Tensor | None, ...],
     needs: tuple[bool, ...],
     r: int,
+    shared: bool,
 ) -> tuple[torch.Tensor | None, ...]:
-    """The backward with separate ``A_m`` and frozen biases: ``gx = Σ_m gy_m W'_m`` in one
-    buffer, and every ``gA_m = (gy_m B_m)ᵀ x``, ``gB_m = gy_mᵀ (x A_mᵀ)`` from one read of
-    ``x`` and of each ``gy_m`` (:func:`tensadapt.native.factor_grads`)."""
+    """The backward with native kernels: ``gx = Σ_m gy_m W'_m`` in one buffer, and every
+    ``gA_m = (gy_m B_m)ᵀ x`` (shared: ``gA = (Σ_m gy_m B_m)ᵀ x``), ``gB_m = gy_mᵀ (x A_mᵀ)``
+    and ``gb_m = 1ᵀ gy_m`` from one read of ``x`` and of each ``gy_m``
+    (:func:`tensadapt.native.factor_grads`)."""
     g = len(w_folds)
     live = [m for m, gy in enumerate(gys) if gy is not None]  # outputs in the loss
     gy_live = [gys[m].contiguous() for m in live]
@@ -146,14 +146,23 @@ def _fused_backward(
     if needs[0]:
         for m, gy in zip(live, gy_live):
             gx = gy @ w_folds[m] if gx is None else gx.addmm_(gy, w_folds[m])
+    g_bias: list[torch.Tensor | None] = [None] * g
     g_a: list[torch.Tensor | None] = [None] * g
     g_b: list[torch.Tensor | None] = [None] * g
     if live:
-        a_parts = a_all.split(r)
-        pairs = native.factor_grads(
-            x, gy_live, [a_parts[m] for m in live], [b_list[m] for m in live]
+        a_parts = [a_all] if shared else [a_all.split(r)[m] for m in live]
+        out = native.factor_grads(
+            x,
+            gy_live,
+            a_parts,
+            [b_list[m] for m in live],
+            shared=shared,
+            biases=[needs[2 + g + m] for m in live],
         )
-        for m, (ga, gb) in zip(live, pairs):
+        for m, (ga, gb, gbias) in zip(live, out):
+            g_bias[m] = gbias
             g_a[m] = ga if needs[2 + 2 * g + m] else None
             g_b[m] = gb if needs[2 + 3 * g + m] else None
-    return (gx, None, *([None] * g), *([None] * g), *g_a, *g_b)
+        if shared:  # the one A gradient belongs to A_1, the factor the forward read
+            g_a = [out[0][0] if needs[2 + 2 * g] else None] + [None] * (g - 1)
+    return (gx, None, *([None] * g), *g_bias, *g_a, *g_b)

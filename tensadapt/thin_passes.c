@@ -6,8 +6,9 @@
  *   ta_rows_times:  out = z P          (N x R)   e.g. h = x A^T, gh = gy B
  *   ta_cols_reduce: G   = u^T z        (R x M)   e.g. gA^T = gh^T x, gB^T = h^T gy
  *   ta_grad_pass:   both of the above on the same z in one read (gh = gy B, gB^T = hb^T gy)
- *   ta_factor_grads: folded maps' gA and gB in one read of x and each gy (h = x A^T, gh = gy B,
- *                    gA = gh^T x, gB^T = h^T gy on each block of tokens; maps sharing x)
+ *   ta_factor_grads: folded maps' gA, gB and bias gradients in one read of x and each gy
+ *                    (h = x A^T, gh = gy B, gA = gh^T x, gB^T = h^T gy, 1^T gy on each block
+ *                    of tokens; maps sharing x, and optionally their A)
  *
  * Each pass is bound by the read of z at low rank and by the FMAs at rank 32; CPU BLAS runs
  * these shapes well below either bound. P arrives packed as (ceil(R / VW), M, VW), zero
@@ -147,27 +148,46 @@ int ta_grad_pass(const float *gy, long N, long M, const float *packed, long R, f
     return reduce_tokens(gy, N, M, packed, R, gh, hb, Rh, G, threads);
 }
 
+/* s[m] += sum_{n in [n0, n1)} z[n, m]: a bias gradient 1^T gy over a token range. */
+static void sums_range(const float *z, long M, float *s, long n0, long n1) {
+    if (isa == 512)
+        col_sums_avx512(z, M, s, n0, n1);
+    else
+        col_sums_avx2(z, M, s, n0, n1);
+}
+
 /* The factor gradients of G folded low-rank maps y_j = x (W_j + B_j A_j)^T + b_j (j < G <=
  * MAX_MAPS, all of rank R, one input x of N x K) in one read of x and of each gy_j (N x M_j):
  * per block of tokens, h_j = x A_j^T and g_j = gy_j B_j (rows passes into h[j] and g[j], N x R
- * each), then GA_j = g_j^T x (R x K) and GB_j = h_j^T gy_j (R x M_j) accumulate while the block
- * is in cache. pa[j] = pack(A_j^T), pb[j] = pack(B_j). Done apart, h_j would be a pass over x
- * in the forward and g_j^T x a second read of x in the backward. 0, or -1 without scratch
- * memory or with more than MAX_MAPS maps. */
+ * each), then GA_j = g_j^T x (R x K), GB_j = h_j^T gy_j (R x M_j) and, where GS[j] is not
+ * NULL, the bias gradient GS_j = 1^T gy_j (M_j) accumulate while the block is in cache.
+ * pa[j] = pack(A_j^T), pb[j] = pack(B_j). With `shared`, every map has the one A_0: h_0 is
+ * formed once per block, g_0 becomes sum_j gy_j B_j and GA_0 = g_0^T x is the only A
+ * gradient (h[j], GA[j] and pa[j] are not read for j > 0). Done apart, h_j would be a pass
+ * over x in the forward and g_j^T x a second read of x in the backward. 0, or -1 without
+ * scratch memory or with more than MAX_MAPS maps. */
 #define MAX_MAPS 16
-int ta_factor_grads(int G, const float *x, long K, long N, const float *const *gy, const long *M,
-                    const float *const *pa, const float *const *pb, long R, float *const *h,
-                    float *const *g, float *const *GA, float *const *GB, int threads) {
+int ta_factor_grads(int G, int shared, const float *x, long K, long N, const float *const *gy,
+                    const long *M, const float *const *pa, const float *const *pb, long R,
+                    float *const *h, float *const *g, float *const *GA, float *const *GB,
+                    float *const *GS, int threads) {
     if (G < 1 || G > MAX_MAPS) return -1;
-    long offset[MAX_MAPS + 1]; /* of map j's [GA_j | GB_j] in a thread's partials */
-    offset[0] = 0;
-    for (int j = 0; j < G; ++j) offset[j + 1] = offset[j] + R * (K + M[j]);
-    const long size = offset[G];
+    /* map j's [GA_j | GB_j | GS_j] in a thread's partials; GA_j empty for j > 0 when shared */
+    long oa[MAX_MAPS], ob[MAX_MAPS], os[MAX_MAPS], size = 0;
+    for (int j = 0; j < G; ++j) {
+        oa[j] = size;
+        size += shared && j > 0 ? 0 : R * K;
+        ob[j] = size;
+        size += R * M[j];
+        os[j] = size;
+        size += GS[j] != NULL ? M[j] : 0;
+    }
     float *extra = threads > 1 ? calloc((size_t)(threads - 1) * (size_t)size, sizeof(float)) : NULL;
     if (threads > 1 && extra == NULL) return -1;
     for (int j = 0; j < G; ++j) {
-        memset(GA[j], 0, sizeof(float) * (size_t)(R * K));
+        if (!shared || j == 0) memset(GA[j], 0, sizeof(float) * (size_t)(R * K));
         memset(GB[j], 0, sizeof(float) * (size_t)(R * M[j]));
+        if (GS[j] != NULL) memset(GS[j], 0, sizeof(float) * (size_t)M[j]);
     }
     int used = 1;
 #pragma omp parallel num_threads(threads)
@@ -178,23 +198,30 @@ int ta_factor_grads(int G, const float *x, long K, long N, const float *const *g
         float *mine = t == 0 ? NULL : extra + (size_t)(t - 1) * (size_t)size;
         for (long n = n0; n < n1; n += ROW_BLOCK) {
             long e = n + ROW_BLOCK < n1 ? n + ROW_BLOCK : n1;
+            if (shared) ta_rows_range(x, K, pa[0], R, h[0], n, e);
             for (int j = 0; j < G; ++j) {
-                float *da = mine ? mine + offset[j] : GA[j];
-                float *db = mine ? mine + offset[j] + R * K : GB[j];
-                ta_rows_range(x, K, pa[j], R, h[j], n, e);
+                const float *hj = shared ? h[0] : h[j];
+                if (!shared) ta_rows_range(x, K, pa[j], R, h[j], n, e);
                 ta_rows_range(gy[j], M[j], pb[j], R, g[j], n, e);
-                ta_cols_range(h[j], R, gy[j], M[j], db, n, e);
-                ta_cols_range(g[j], R, x, K, da, n, e);
+                ta_cols_range(hj, R, gy[j], M[j], mine ? mine + ob[j] : GB[j], n, e);
+                if (GS[j] != NULL) sums_range(gy[j], M[j], mine ? mine + os[j] : GS[j], n, e);
+                if (!shared)
+                    ta_cols_range(g[j], R, x, K, mine ? mine + oa[j] : GA[j], n, e);
+                else if (j > 0) /* g_0 += g_j on the block's rows */
+                    for (long i = n * R; i < e * R; ++i) g[0][i] += g[j][i];
             }
+            if (shared) ta_cols_range(g[0], R, x, K, mine ? mine + oa[0] : GA[0], n, e);
         }
         if (t == 0) used = T;
     }
     for (int t = 1; t < used; ++t) {
         const float *part = extra + (size_t)(t - 1) * (size_t)size;
         for (int j = 0; j < G; ++j) {
-            const float *pa_t = part + offset[j], *pb_t = pa_t + R * K;
-            for (long i = 0; i < R * K; ++i) GA[j][i] += pa_t[i];
-            for (long i = 0; i < R * M[j]; ++i) GB[j][i] += pb_t[i];
+            if (!shared || j == 0)
+                for (long i = 0; i < R * K; ++i) GA[j][i] += part[oa[j] + i];
+            for (long i = 0; i < R * M[j]; ++i) GB[j][i] += part[ob[j] + i];
+            if (GS[j] != NULL)
+                for (long i = 0; i < M[j]; ++i) GS[j][i] += part[os[j] + i];
         }
     }
     free(extra);
@@ -326,6 +353,18 @@ KERNEL static void ISA(cols_reduce)(const float *u, long R, const float *z, long
             for (long n = nb; n < ne; ++n)
                 for (long r = 0; r < R; ++r) G[r * M + m] += u[n * R + r] * z[n * M + m];
     }
+}
+
+/* s[m] += sum_{n in [n0, n1)} z[n, m]: column sums of a token range, one vector per strip. */
+KERNEL static void ISA(col_sums)(const float *z, long M, float *s, long n0, long n1) {
+    long m = 0;
+    for (; m + VW <= M; m += VW) {
+        VEC acc = V_LOAD(s + m);
+        for (long n = n0; n < n1; ++n) acc = V_ADD(acc, V_LOAD(z + n * M + m));
+        V_STORE(s + m, acc);
+    }
+    for (; m < M; ++m)
+        for (long n = n0; n < n1; ++n) s[m] += z[n * M + m];
 }
 
 #endif

@@ -68,20 +68,38 @@ def test_passes_equal_dense_products(n, m, r, each_isa):
 @pytest.mark.parametrize(
     "n, k, widths, r", [(64, 8, [13], 1), (67, 392, [384, 24, 1537], 7), (2083, 384, [1152], 24)]
 )
-def test_factor_grads_equal_dense_products(n, k, widths, r, each_isa):
-    """``(gy B)ᵀ x`` and ``gyᵀ (x Aᵀ)`` for maps sharing ``x``, against float64 products, with
-    partial row blocks and rank groups, in each instruction set."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_factor_grads_equal_dense_products(n, k, widths, r, shared, each_isa):
+    """``(gy B)ᵀ x``, ``gyᵀ (x Aᵀ)`` and ``1ᵀ gy`` for maps sharing ``x`` (and with ``shared``
+    their ``A``: ``gA = (Σ_j gy_j B_j)ᵀ x``), against float64 products, with partial row
+    blocks, rank groups, widths off the vector width and bias gradients on some maps only, in
+    each instruction set."""
     g = torch.Generator().manual_seed(n + k + r)
     x = torch.randn(n, k, generator=g)
     gys = [torch.randn(n, m, generator=g) for m in widths]
     a_list = [torch.randn(r, k, generator=g) for _ in widths]
     b_list = [torch.randn(m, r, generator=g) for m in widths]
-    pairs = native.factor_grads(x, gys, a_list, b_list)
-    for (ga, gb), gy, a, b in zip(pairs, gys, a_list, b_list):
-        xd, gyd = x.double(), gy.double()
-        assert ga.shape == a.shape and gb.shape == b.shape
-        assert _rel_err(ga, (gyd @ b.double()).t() @ xd) < 1e-5
-        assert _rel_err(gb, gyd.t() @ (xd @ a.double().t())) < 1e-5
+    biases = [j % 2 == 0 for j in range(len(widths))]
+    out = native.factor_grads(
+        x, gys, a_list[:1] if shared else a_list, b_list, shared=shared, biases=biases
+    )
+    xd = x.double()
+    gh_sum = sum(gy.double() @ b.double() for gy, b in zip(gys, b_list))
+    for j, ((ga, gb, gbias), gy, a, b) in enumerate(zip(out, gys, a_list, b_list)):
+        gyd = gy.double()
+        a_j = a_list[0] if shared else a
+        assert gb.shape == b.shape
+        assert _rel_err(gb, gyd.t() @ (xd @ a_j.double().t())) < 1e-5
+        if shared and j > 0:
+            assert ga is None
+        else:
+            assert ga.shape == a.shape
+            gh = gh_sum if shared else gyd @ b.double()
+            assert _rel_err(ga, gh.t() @ xd) < 1e-5
+        if biases[j]:
+            assert _rel_err(gbias, gyd.sum(0)) < 1e-5
+        else:
+            assert gbias is None
 
 
 @needs_native
@@ -89,9 +107,13 @@ def test_factor_grads_rejects_bad_map_counts():
     x = torch.randn(64, 8)
     with pytest.raises(ValueError, match="1 to 16 maps of one rank"):
         native.factor_grads(x, [], [], [])
+    gys = [torch.randn(64, 8)] * 2
     with pytest.raises(ValueError, match="1 to 16 maps of one rank"):
-        gys = [torch.randn(64, 8)] * 2
         native.factor_grads(x, gys, [torch.randn(2, 8), torch.randn(3, 8)], [torch.randn(8, 2)] * 2)
+    with pytest.raises(ValueError, match="2 gradients need 2 B factors and 2 A factors, got 2 B"):
+        native.factor_grads(x, gys, [torch.randn(2, 8)], [torch.randn(8, 2)] * 2)
+    with pytest.raises(ValueError, match="need 2 B factors and a shared A, got 1 B and 1 A"):
+        native.factor_grads(x, gys, [torch.randn(2, 8)], [torch.randn(8, 2)], shared=True)
 
 
 @needs_native
@@ -259,11 +281,17 @@ def test_low_rank_linear_same_with_and_without_native(
         return out.detach(), [t.grad.clone() for t in leaves]
 
     expands: list[int] = []
-    real = native.rows_expand
+    fused: list[int] = []
+    real, real_grads = native.rows_expand, native.factor_grads
     monkeypatch.setattr(native, "rows_expand", lambda *t: expands.append(1) or real(*t))
+    monkeypatch.setattr(
+        native, "factor_grads", lambda *t, **kw: fused.append(1) or real_grads(*t, **kw)
+    )
     fast = run()
     # b + h Bᵀ and gh A (kept apart), or the fold W + B A (one input chunk)
     assert bool(expands) == (not fold or k == 1)
+    # a plain folded B A, bias trained or not: every gradient from one read of x and gy
+    assert bool(fused) == (fold and k == 1 and not with_mix)
     with native_off():
         slow = run()
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-4, atol=1e-4)
@@ -273,8 +301,9 @@ def test_low_rank_linear_same_with_and_without_native(
 
 @needs_native
 def test_native_passes_are_used_in_a_float32_step(monkeypatch):
-    """A float32 CaRA step on a tiny ViT runs the native passes (h, the fused gy pass, the
-    A gradient and the fold), and its gradients equal the PyTorch path's."""
+    """A float32 CaRA step on a tiny ViT runs the native passes (the factor and bias
+    gradients in one read of x and gy, and the fold), and its gradients equal the PyTorch
+    path's."""
     if not native.available():
         pytest.skip("native thin passes unavailable on this CPU")
     torch.manual_seed(0)
@@ -286,9 +315,11 @@ def test_native_passes_are_used_in_a_float32_step(monkeypatch):
     x = torch.randn(24, 3, 16, 16)  # 24 images x 5 tokens = 120 rows per map
 
     calls: list[str] = []
-    for name in ("rows_times", "cols_reduce", "grad_pass", "rows_expand"):
+    for name in ("rows_times", "cols_reduce", "grad_pass", "factor_grads", "rows_expand"):
         real = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+        monkeypatch.setattr(
+            native, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
+        )
 
     def grads():
         am.zero_grad()
@@ -296,7 +327,7 @@ def test_native_passes_are_used_in_a_float32_step(monkeypatch):
         return {n: p.grad.clone() for n, p in am.tensor_adapters.named_parameters()}
 
     fast = grads()
-    assert {"rows_times", "cols_reduce", "grad_pass", "rows_expand"} <= set(calls)
+    assert {"factor_grads", "rows_expand"} <= set(calls)
     state, native._state = native._state, "off"
     try:
         calls.clear()
@@ -314,9 +345,9 @@ def test_native_passes_are_used_in_a_float32_step(monkeypatch):
 def test_shared_input_node_same_with_and_without_native(
     shared, train_bias, native_off, monkeypatch
 ):
-    """Outputs and gradients equal the PyTorch path's, and every member's ``gy`` meets a
-    fused native pass: ``gy B`` with ``hᵀ gy``, or, with separate ``A`` and frozen biases,
-    both factor gradients in one read of ``x`` and every ``gy``."""
+    """Outputs and gradients equal the PyTorch path's, and every member's ``gy`` meets the one
+    native pass that gives all factor and bias gradients from one read of ``x`` and every
+    ``gy`` (shared ``A`` or not, biases trained or frozen)."""
     if not native.available():
         pytest.skip("native thin passes unavailable on this CPU")
     n, d, r, outs = 80, 32, 8, (32, 16, 16)
@@ -340,16 +371,16 @@ def test_shared_input_node_same_with_and_without_native(
     passes: list[int] = []
     real_pass, real_grads = native.grad_pass, native.factor_grads
 
-    def factor_grads(x, gys, *rest):
+    def factor_grads(x, gys, *rest, **kw):
         passes.extend(gy.shape[1] for gy in gys)
-        return real_grads(x, gys, *rest)
+        return real_grads(x, gys, *rest, **kw)
 
     monkeypatch.setattr(
-        native, "grad_pass", lambda gy, *a: passes.append(gy.shape[1]) or real_pass(gy, *a)
+        native, "grad_pass", lambda gy, *a: passes.append(-gy.shape[1]) or real_pass(gy, *a)
     )
     monkeypatch.setattr(native, "factor_grads", factor_grads)
     fast = run()
-    assert sorted(passes) == sorted(outs)
+    assert sorted(passes) == sorted(outs)  # no separate gy B and hᵀ gy pass
     with native_off():
         slow = run()
     for got, want in zip(fast[0] + fast[1], slow[0] + slow[1]):
