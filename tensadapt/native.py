@@ -69,10 +69,12 @@ HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources, part
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS loses
 #: widest thin operand the AVX2 passes take: up to rank 24 they beat BLAS on activations read
-#: from memory, at 32 they tie (2080 tokens, widths 384 to 1536, ``docs/benchmarks.md``)
-MAX_RANK = 24
-#: widest thin operand of the AVX2 :func:`rows_expand`: from rank 24 on BLAS is as fast
-MAX_EXPAND_RANK = 16
+#: from memory; at 32 single passes range from 10 % slower to 28 % faster than BLAS, and
+#: whole FacT-TK steps (rank 32) ran 2-4 % faster (2080 tokens, widths 384 to 1536;
+#: ``docs/benchmarks.md``, run 21)
+MAX_RANK = 32
+#: widest thin operand of the AVX2 :func:`rows_expand` (the same bound, measured with it)
+MAX_EXPAND_RANK = 32
 #: widest thin operand of the AVX-512 kernels, passes and expand alike: twice the FMA width
 #: of AVX2 keeps them 1.5-2x ahead of BLAS at every rank measured, 8 to 64
 MAX_RANK_AVX512 = 64
