@@ -9,7 +9,11 @@
  * W' = W + B A. CPU BLAS runs these shapes (K = R of 8 to 32) at a third to a half of the FMA
  * peak; here each 6 x 2 VW tile of out (VW floats per vector register: 8 with AVX2, 16 with
  * AVX-512) stays in registers over all R, P is read from cache once per six token rows, and
- * out is written once. The kernel section is compiled once per instruction set (simd.h) and
+ * out is written once. A full C (the fold W + B A) goes one row at a time instead: six rows
+ * of C read and six of out written at once are twelve short streams (a row of 384 floats is
+ * 24 cache lines), which the hardware prefetcher follows poorly; with one row each, the
+ * folds of 1536 x 384 and 384 x 1536 weights from memory took 0.70 and 0.92 of the time
+ * (AVX2). The kernel section is compiled once per instruction set (simd.h) and
  * ta_select_isa (thin_passes.c) picks the one ta_rows_expand calls.
  */
 #ifndef TA_ISA
@@ -29,21 +33,21 @@
 int ta_isa(void); /* thin_passes.c: the set in use, 256 or 512 */
 
 /* out (N x M) = C + u (N x R) P (R x M); C NULL (zero), a row (cs = 0) or N x M (cs = M).
- * Tokens are split between threads in whole tiles. */
+ * Rows are split between threads in whole tiles: TILE_ROWS rows, or one with a full C. */
 void ta_rows_expand(const float *u, long N, long R, const float *P, long M, const float *C,
                     long cs, float *out, int threads) {
-    const int wide = ta_isa() == 512;
+    const int wide = ta_isa() == 512, rows = C != NULL && cs != 0 ? 1 : TILE_ROWS;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        const long tiles = (N + TILE_ROWS - 1) / TILE_ROWS, per = (tiles + T - 1) / T;
-        long n0 = t * per * TILE_ROWS, n1 = n0 + per * TILE_ROWS;
+        const long tiles = (N + rows - 1) / rows, per = (tiles + T - 1) / T;
+        long n0 = t * per * rows, n1 = n0 + per * rows;
         if (n1 > N) n1 = N;
         if (n0 < n1) {
             if (wide)
-                rows_expand_avx512(u, R, P, M, C, cs, out, n0, n1);
+                rows_expand_avx512(u, R, P, M, C, cs, out, n0, n1, rows);
             else
-                rows_expand_avx2(u, R, P, M, C, cs, out, n0, n1);
+                rows_expand_avx2(u, R, P, M, C, cs, out, n0, n1, rows);
         }
     }
 }
@@ -106,12 +110,13 @@ KERNEL static void ISA(expand_strip)(const float *u, long R, const float *P, lon
 #undef CASE
 }
 
-/* Rows [n0, n1) of out: tiles of TILE_ROWS tokens x 2 VW columns, then one strip of VW,
- * then single columns. */
+/* Rows [n0, n1) of out: tiles of `rows` (1 to TILE_ROWS) rows x 2 VW columns, then one
+ * strip of VW, then single columns. */
 KERNEL static void ISA(rows_expand)(const float *u, long R, const float *P, long M,
-                                    const float *C, long cs, float *out, long n0, long n1) {
-    for (long n = n0; n < n1; n += TILE_ROWS) {
-        const int rr = n1 - n < TILE_ROWS ? (int)(n1 - n) : TILE_ROWS;
+                                    const float *C, long cs, float *out, long n0, long n1,
+                                    int rows) {
+    for (long n = n0; n < n1; n += rows) {
+        const int rr = n1 - n < rows ? (int)(n1 - n) : rows;
         long m = 0;
         for (; m + 2 * VW <= M; m += 2 * VW) ISA(expand_strip)(u, R, P, M, C, cs, out, n, rr, m, 2);
         if (m + VW <= M) {
