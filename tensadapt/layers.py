@@ -160,6 +160,9 @@ class TensorAdapterLayer(nn.Module):
         bias = self.bias
         for p in self._bias_programs:
             vec = p.bias_vector()
+            if p.full:  # on every row: one op, b + s·b_c
+                bias = vec * p.scale if bias is None else torch.add(bias, vec, alpha=p.scale)
+                continue
             rows = self.weight_out_in().shape[0]
             vec = vec.new_zeros(rows).index_add(0, p._rows, vec, alpha=p.scale)
             bias = vec if bias is None else bias + vec
