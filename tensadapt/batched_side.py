@@ -5,7 +5,10 @@ A side ``S = einsum(T_1[c], …, T_m[c])`` whose terms are sliced at a structura
 ``S_all = einsum(T_1, …, T_m)`` over the unsliced factors. :class:`BatchedSide` plans
 ``S_all`` with the sliced labels kept in front, split into blocks ``(Π_L |L| / n_L, n_L…)``
 (``n_L`` the narrow length, 1 for a select), and the permutation that returns a block to the
-side's own label order. :class:`~tensadapt.step_cache.StepCache` forms it once per forward.
+side's own label order. :class:`~tensadapt.step_cache.StepCache` forms it once per forward:
+the blocks are put in the side's order (and, given ``final_shape``, the caller's matrix
+shape) once for all of them, so a module's block is one ``unbind`` output with no view op of
+its own (each would be one more autograd node per module and step).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class BatchedSide:
         ops: Sequence[Sequence[tuple]],
         sizes: dict[str, int],
         out_labels: Sequence[str],
+        final_shape: tuple[int, ...] | None = None,
     ) -> None:
         batch: dict[str, tuple[str, int, int, tuple[str, ...]]] = {}
         for term_ops in ops:
@@ -67,8 +71,9 @@ class BatchedSide:
         self.squeeze = tuple(i for i, spec in enumerate(batch.values()) if spec[0] == "select")
         self.perm = tuple(kept.index(l) for l in out_labels)
         self.n_batch = len(batch)
+        self.final_shape = final_shape
         self.key = (self.equation, self.term_names, tuple(self.blocks_shape))
-        self.key += (tuple(self.block_lengths),)
+        self.key += (tuple(self.block_lengths), self.squeeze, self.perm, final_shape)
 
     def _build(self, terms: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         shapes = tuple(tuple(t.shape) for t in terms)
@@ -80,15 +85,17 @@ class BatchedSide:
         order += list(range(2 * k, 2 * k + len(rest)))
         blocks = full.reshape(*split, *rest).permute(order)
         blocks = blocks.reshape(-1, *blocks.shape[k:])
+        # every block in the side's label order at once: drop the selects' axes, permute
+        if self.squeeze:
+            blocks = blocks.squeeze(tuple(d + 1 for d in self.squeeze))
+        blocks = blocks.permute(0, *(d + 1 for d in self.perm))
+        if self.final_shape is not None:
+            blocks = blocks.reshape(blocks.shape[0], *self.final_shape)
         return full, blocks.unbind(0)
 
     def side(self, tensor: torch.nn.Module, cache: StepCache) -> torch.Tensor | None:
-        """This coordinate's block in the side's label order; None inside a backward."""
+        """This coordinate's block in the side's label order (of ``final_shape`` if given);
+        None inside a backward."""
         terms = [getattr(tensor, name) for name in self.term_names]
         blocks = cache.get((id(tensor), *self.key), terms, lambda: self._build(terms))
-        if blocks is None:
-            return None
-        block = blocks[self.index]
-        if self.squeeze:
-            block = block.squeeze(self.squeeze)
-        return block.permute(self.perm)
+        return None if blocks is None else blocks[self.index]

@@ -242,7 +242,8 @@ class TensorAdapterLayer(nn.Module):
                 a, b = p.low_rank(f, self.state.step_cache)
             if p.serial:
                 b = w.index_select(0, p._rows) @ b
-            b = b * p.scale
+            if p.scale != 1.0:  # a multiply by one would still be an autograd node
+                b = b * p.scale
             if not p.full:
                 b = b.new_zeros(rows, b.shape[1]).index_add(0, p._rows, b)
             a_parts.append(a)
@@ -274,7 +275,7 @@ class TensorAdapterLayer(nn.Module):
         if gaps[-1]:
             blocks.append(blocks[-1].new_zeros(gaps[-1], 0))
         b = torch.block_diag(*blocks)
-        return torch.cat(a_parts), (b if scale is None else b * scale)
+        return torch.cat(a_parts), (b if scale is None or scale == 1.0 else b * scale)
 
     def _forward_low_rank(
         self, x: torch.Tensor, factors: list[list[torch.Tensor]]

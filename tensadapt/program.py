@@ -249,6 +249,15 @@ class ContributionProgram(nn.Module):
         sizes: dict[str, int] = {}
         for name, labels in zip(self._term_names, full):
             sizes.update(zip(labels, getattr(tensor, name).shape))
+        r, kr = self.cut_size, self.chunks * self.cut_size
+        # the matrix each side becomes in low_rank / low_rank_mix, formed for every block at
+        # once (None: the side is expanded first)
+        final = {
+            "a": None if self._a_expand else (r, -1),
+            "b": None if self._b_expand_pi or self._b_expand_po else (-1, kr),
+            "mix": (self.mix_rank, -1) if self.mix_eq is not None else None,
+            "b_out": None if self.mix_eq is None or self._b_out_expand_po else (-1, self.mix_rank),
+        }
         self._batched: dict[str, BatchedSide] = {}
         for side, (_eq, terms, view, out) in self._sides.items():
             if view is not None or len(terms) < 2:
@@ -260,6 +269,7 @@ class ContributionProgram(nn.Module):
                     [self._ops[i] for i in terms],
                     sizes,
                     out,
+                    final[side],
                 )
             except ValueError:
                 continue
@@ -310,11 +320,21 @@ class ContributionProgram(nn.Module):
             if block is not None:
                 return block
         equation, terms, view, _out = self._sides[side]
-        operands = [factors[i] for i in terms]
         if view is not None:  # one term: a view (squeeze size-1 axes, permute), no einsum
+            name = self._term_names[terms[0]]
+            moves = bool(view[0]) or view[1] != tuple(range(len(view[1])))
+            if cache is not None and moves and not self._ops[terms[0]]:
+                # an unsliced term (CaRA's A): the same matrix for every module, laid out
+                # row-major once per forward pass instead of once per module
+                t = getattr(self.__dict__["tensor"], name)
+                key = (id(self.__dict__["tensor"]), "view", name, view)
+                blocks = cache.get(key, [t], lambda: _laid_out(t, view))
+                if blocks is not None:
+                    return blocks[0]
             squeeze, perm = view
-            t = operands[0]
+            t = factors[terms[0]]
             return (t.squeeze(squeeze) if squeeze else t).permute(perm)
+        operands = [factors[i] for i in terms]
         if len(operands) == 1:
             return torch.einsum(equation, operands[0])
         return self._plan(equation, operands)(*operands)
@@ -331,12 +351,11 @@ class ContributionProgram(nn.Module):
         r, k = self.cut_size, self.chunks
         if self._a_expand:
             a = a.reshape(r, 1, self.in_chunk).expand(r, self.n_in, self.in_chunk)
-        a = a.reshape(r, -1)
         if self._b_expand_pi:
             b = b.reshape(-1, 1, r).expand(-1, k, r)
         if self._b_expand_po:
             b = b.reshape(1, -1, k * r).expand(self.n_out, -1, k * r)
-        return a, b.reshape(-1, k * r)
+        return _matrix(a, r, -1), _matrix(b, -1, k * r)
 
     def low_rank_mix(
         self, factors: list[torch.Tensor], cache: StepCache | None = None
@@ -346,13 +365,13 @@ class ContributionProgram(nn.Module):
         if self.mix_eq is None:
             a, b = self.low_rank(factors, cache)
             return a, b, None
-        a = self._side("a", factors, cache).reshape(self.cut_size, -1)
+        a = _matrix(self._side("a", factors, cache), self.cut_size, -1)
         mix = self._side("mix", factors, cache)
         b = self._side("b_out", factors, cache)
         r2 = self.mix_rank
         if self._b_out_expand_po:
             b = b.reshape(1, -1, r2).expand(self.n_out, -1, r2)
-        return a, b.reshape(-1, r2), mix.reshape(r2, -1)
+        return a, _matrix(b, -1, r2), _matrix(mix, r2, -1)
 
     def fast_path(self, n_tokens: int, factors: list[torch.Tensor]) -> bool:
         """Whether this call may run as ``x Aᵀ Bᵀ`` (contract strategy, no DropConnect)."""
@@ -466,7 +485,10 @@ class ContributionProgram(nn.Module):
         bias = self.__dict__["bias_module"]
         if bias is None:
             return None
-        return torch.cat([getattr(bias, f"bias_{r}") for r in self.contribution.roles])
+        roles = self.contribution.roles
+        if len(roles) == 1:  # the parameter itself, not a one-piece concatenation (a copy)
+            return getattr(bias, f"bias_{roles[0]}")
+        return torch.cat([getattr(bias, f"bias_{r}") for r in roles])
 
     def _plan(self, equation: str, operands: list[torch.Tensor]) -> ContractionPlan:
         shapes = tuple(tuple(t.shape) for t in operands)
@@ -531,6 +553,23 @@ class ContributionProgram(nn.Module):
         if not self.po_used and self.n_out > 1:
             y = y.unsqueeze(1).expand(n, self.n_out, *y.shape[1:])
         return y.reshape(n, -1)
+
+
+def _laid_out(
+    t: torch.Tensor, view: tuple[tuple[int, ...], tuple[int, ...]]
+) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+    """``(v, (v,))``: the one-term side ``view`` of ``t`` made contiguous, for the step cache."""
+    squeeze, perm = view
+    v = (t.squeeze(squeeze) if squeeze else t).permute(perm).contiguous()
+    return v, (v,)
+
+
+def _matrix(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``t.reshape(rows, cols)`` (one of them -1), or ``t`` itself when it has that shape
+    already: a reshape to the same shape is still an autograd node."""
+    if t.dim() == 2 and (rows == -1 or t.shape[0] == rows) and (cols == -1 or t.shape[1] == cols):
+        return t
+    return t.reshape(rows, cols)
 
 
 def _single_term_view(

@@ -158,3 +158,33 @@ def test_hf_gradient_checkpointing_matches(reentrant):
     got = grads(True)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12)
+
+
+def test_shared_blocks_reach_modules_without_view_ops(monkeypatch):
+    """Within a forward pass, a batched side's block reaches its module as an ``unbind``
+    output already in matrix form (no squeeze, permute or reshape node per module), and an
+    unsliced one-term side (CaRA's ``A``) is one contiguous tensor shared by every module."""
+    from tensadapt.program import ContributionProgram
+
+    am = _adapted("cara")
+    seen: list[tuple[ContributionProgram, torch.Tensor, torch.Tensor]] = []
+    low_rank = ContributionProgram.low_rank
+
+    def recorded(self, factors, cache=None):
+        a, b = low_rank(self, factors, cache)
+        seen.append((self, a, b))
+        return a, b
+
+    monkeypatch.setattr(ContributionProgram, "low_rank", recorded)
+    am(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    batched_b = [b for p, _, b in seen if "b" in p._batched]
+    assert len(batched_b) >= 3
+    assert {type(b.grad_fn).__name__ for b in batched_b} == {"UnbindBackward0"}
+    assert all(b.dim() == 2 for b in batched_b)
+    shared_a = {}
+    for p, a, _ in seen:
+        terms = p._sides["a"][1]
+        if p._sides["a"][2] is not None and not p._ops[terms[0]]:
+            shared_a.setdefault(id(p.__dict__["tensor"]), set()).add(id(a))
+            assert a.is_contiguous()
+    assert shared_a and all(len(ids) == 1 for ids in shared_a.values())
