@@ -9,6 +9,12 @@ side's own label order. :class:`~tensadapt.step_cache.StepCache` forms it once p
 the blocks are put in the side's order (and, given ``final_shape``, the caller's matrix
 shape) once for all of them, so a module's block is one ``unbind`` output with no view op of
 its own (each would be one more autograd node per module and step).
+
+:class:`SharedSide` covers two sides that do not split into blocks: one with no sliced term
+(the same matrix for every module, e.g. CaRA's fc2 ``B = λ ⊙ F_in``), formed once per forward
+pass; and one narrowed to a window of a fused axis that does not tile it (CaRA's fc1 reads
+slices ``9l+1 … 9l+4`` of the ``L·9`` axis), formed once over the whole axis, each module then
+taking its window (a narrow and a reshape instead of a contraction of its own).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from .contraction import PLAN_CACHE, Symbols
 from .step_cache import StepCache
 
-__all__ = ["BatchedSide"]
+__all__ = ["BatchedSide", "SharedSide", "plan_side"]
 
 
 class BatchedSide:
@@ -99,3 +105,74 @@ class BatchedSide:
         terms = [getattr(tensor, name) for name in self.term_names]
         blocks = cache.get((id(tensor), *self.key), terms, lambda: self._build(terms))
         return None if blocks is None else blocks[self.index]
+
+
+class SharedSide:
+    """A side formed once per forward pass for every module: whole (no sliced term) or over
+    the whole of one narrowed label (``window``: ``(start, length)`` of that label)."""
+
+    def __init__(
+        self,
+        term_names: Sequence[str],
+        full_labels: Sequence[tuple[str, ...]],
+        out_labels: Sequence[str],
+        final_shape: tuple[int, ...] | None,
+        window: tuple[str, str, int, int] | None = None,
+    ) -> None:
+        # window: (sliced label, the label it becomes, start, length)
+        labels = list(out_labels)
+        self.axis = None
+        if window is not None:
+            sliced, new, self.start, self.length = window
+            self.axis = labels.index(new)
+            labels[self.axis] = sliced
+        sym = Symbols()
+        self.equation = f"{','.join(sym(l) for l in full_labels)}->{sym(labels)}"
+        self.term_names = tuple(term_names)
+        self.final_shape = final_shape
+        mode = "whole" if window is None else ("window", self.axis)
+        self.key = (mode, self.equation, self.term_names, final_shape if window is None else None)
+
+    def _build(self, terms: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+        shapes = tuple(tuple(t.shape) for t in terms)
+        full = PLAN_CACHE.get(self.equation, shapes, terms[0].dtype)(*terms)
+        if self.axis is None and self.final_shape is not None:
+            full = full.reshape(self.final_shape)
+        return full, (full,)
+
+    def side(self, tensor: torch.nn.Module, cache: StepCache) -> torch.Tensor | None:
+        """This module's matrix (of ``final_shape`` if given); None inside a backward."""
+        terms = [getattr(tensor, name) for name in self.term_names]
+        blocks = cache.get((id(tensor), *self.key), terms, lambda: self._build(terms))
+        if blocks is None:
+            return None
+        if self.axis is None:
+            return blocks[0]
+        window = blocks[0].narrow(self.axis, self.start, self.length)
+        return window if self.final_shape is None else window.reshape(self.final_shape)
+
+
+def plan_side(
+    term_names: Sequence[str],
+    full_labels: Sequence[tuple[str, ...]],
+    ops: Sequence[Sequence[tuple]],
+    sizes: dict[str, int],
+    out_labels: Sequence[str],
+    final_shape: tuple[int, ...] | None = None,
+) -> BatchedSide | SharedSide:
+    """The plan that forms this side once per forward pass for every module: blocks of one
+    product (:class:`BatchedSide`), else a :class:`SharedSide`; ValueError when neither fits
+    (an index gather, a label sliced two ways, several windows)."""
+    try:
+        return BatchedSide(term_names, full_labels, ops, sizes, out_labels, final_shape)
+    except ValueError:
+        pass
+    flat = [op for term_ops in ops for op in term_ops]
+    if not flat:
+        return SharedSide(term_names, full_labels, out_labels, final_shape)
+    if len({op[1] for op in flat}) == 1 and all(op == flat[0] for op in flat):
+        op = flat[0]
+        if op[0] == "narrow" and len(op[4]) == 1:
+            window = (op[1], op[4][0], op[2], op[3])
+            return SharedSide(term_names, full_labels, out_labels, final_shape, window)
+    raise ValueError("side neither splits into blocks nor is shared whole or by windows")

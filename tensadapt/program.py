@@ -29,7 +29,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .batched_side import BatchedSide
+from .batched_side import BatchedSide, SharedSide, plan_side
 from .contraction import PLAN_CACHE, ContractionPlan, Symbols
 from .drop_connect import draw_key, hashed_keep_mask
 from .factorizations import FactorizedTensor
@@ -242,8 +242,8 @@ class ContributionProgram(nn.Module):
         self._plan_batches()
 
     def _plan_batches(self) -> None:
-        """Each einsum side whose terms are sliced only by ``select`` / ``narrow`` can be
-        formed for all coordinates at once (:class:`BatchedSide`, once per forward pass)."""
+        """Each einsum side whose terms are sliced only by ``select`` / ``narrow`` (or not at
+        all) is formed once per forward pass for all coordinates (:func:`plan_side`)."""
         tensor = self.__dict__["tensor"]
         full = list(tensor.term_labels().values())
         sizes: dict[str, int] = {}
@@ -258,12 +258,12 @@ class ContributionProgram(nn.Module):
             "mix": (self.mix_rank, -1) if self.mix_eq is not None else None,
             "b_out": None if self.mix_eq is None or self._b_out_expand_po else (-1, self.mix_rank),
         }
-        self._batched: dict[str, BatchedSide] = {}
+        self._batched: dict[str, BatchedSide | SharedSide] = {}
         for side, (_eq, terms, view, out) in self._sides.items():
             if view is not None or len(terms) < 2:
                 continue
             try:
-                self._batched[side] = BatchedSide(
+                self._batched[side] = plan_side(
                     [self._term_names[i] for i in terms],
                     [full[i] for i in terms],
                     [self._ops[i] for i in terms],

@@ -162,8 +162,12 @@ def test_hf_gradient_checkpointing_matches(reentrant):
 
 def test_shared_blocks_reach_modules_without_view_ops(monkeypatch):
     """Within a forward pass, a batched side's block reaches its module as an ``unbind``
-    output already in matrix form (no squeeze, permute or reshape node per module), and an
-    unsliced one-term side (CaRA's ``A``) is one contiguous tensor shared by every module."""
+    output already in matrix form (no squeeze, permute or reshape node per module), a side
+    with no sliced term (and an unsliced one-term side, CaRA's ``A``) is one tensor shared
+    by every module, and no module runs a contraction of its own: the contractions per pass
+    are one per shared product, however many modules read them."""
+    from tensadapt import contraction
+    from tensadapt.batched_side import BatchedSide, SharedSide
     from tensadapt.program import ContributionProgram
 
     am = _adapted("cara")
@@ -175,16 +179,36 @@ def test_shared_blocks_reach_modules_without_view_ops(monkeypatch):
         seen.append((self, a, b))
         return a, b
 
+    calls = [0]
+    plan_call = contraction.ContractionPlan.__call__
+
+    def counted(self, *operands):
+        calls[0] += 1
+        return plan_call(self, *operands)
+
     monkeypatch.setattr(ContributionProgram, "low_rank", recorded)
+    monkeypatch.setattr(contraction.ContractionPlan, "__call__", counted)
     am(torch.randn(2, 3, 16, 16, dtype=torch.float64))
-    batched_b = [b for p, _, b in seen if "b" in p._batched]
-    assert len(batched_b) >= 3
-    assert {type(b.grad_fn).__name__ for b in batched_b} == {"UnbindBackward0"}
-    assert all(b.dim() == 2 for b in batched_b)
-    shared_a = {}
-    for p, a, _ in seen:
-        terms = p._sides["a"][1]
-        if p._sides["a"][2] is not None and not p._ops[terms[0]]:
-            shared_a.setdefault(id(p.__dict__["tensor"]), set()).add(id(a))
-            assert a.is_contiguous()
-    assert shared_a and all(len(ids) == 1 for ids in shared_a.values())
+    kinds = {"unbind": 0, "whole": 0, "window": 0}
+    shared: dict[tuple, set[int]] = {}
+    keys = set()
+    for p, a, b in seen:
+        tensor_id = id(p.__dict__["tensor"])
+        for name, m in (("a", a), ("b", b)):
+            plan = p._batched.get(name)
+            if isinstance(plan, BatchedSide):
+                kinds["unbind"] += 1
+                assert type(m.grad_fn).__name__ == "UnbindBackward0" and m.dim() == 2
+            elif isinstance(plan, SharedSide) and plan.axis is None:
+                kinds["whole"] += 1
+                shared.setdefault((tensor_id, plan.key), set()).add(id(m))
+            elif isinstance(plan, SharedSide):
+                kinds["window"] += 1
+            elif p._sides[name][2] is not None and not p._ops[p._sides[name][1][0]]:
+                shared.setdefault((tensor_id, name, "view"), set()).add(id(m))
+                assert m.is_contiguous()
+            if plan is not None:
+                keys.add((tensor_id, plan.key))
+    assert all(kinds.values()), kinds
+    assert shared and all(len(ids) == 1 for ids in shared.values())
+    assert calls[0] == len(keys) < len(seen)
