@@ -150,8 +150,8 @@ class TensorAdapterLayer(nn.Module):
         w = self.weight_out_in()
         if w.requires_grad or x.dtype != w.dtype:
             return None
-        factors = [p.operands() for p in self.programs]
-        if any(f[0].dtype != w.dtype for f in factors):
+        factors = [p.lazy_operands() for p in self.programs]
+        if any(f.dtype != w.dtype for f in factors):
             return None
         return factors
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -475,6 +476,12 @@ class ContributionProgram(nn.Module):
             out.append(t)
         return out
 
+    def lazy_operands(self) -> LazyOperands:
+        """:meth:`operands`, sliced only when a term is read: the paths that form their
+        sides for every module at once never read them (a slice per term per module and
+        step, each an autograd node)."""
+        return LazyOperands(self)
+
     @property
     def has_bias(self) -> bool:
         """Whether this contribution adds shared role biases."""
@@ -498,12 +505,13 @@ class ContributionProgram(nn.Module):
         """Whether ``contract`` is cheaper than ``materialise`` for ``n_tokens`` (cached)."""
         if self.strategy != "auto":
             return self.strategy == "contract"
-        key = (n_tokens, factors[0].dtype)
+        dtype = factors.dtype if isinstance(factors, LazyOperands) else factors[0].dtype
+        key = (n_tokens, dtype)
         choice = self._choice.get(key)
         if choice is None:
             x_shape = (n_tokens, *self.x_view)
             shapes = (x_shape, *(tuple(f.shape) for f in factors))
-            c = PLAN_CACHE.get(self.contract_eq, shapes, factors[0].dtype).flops
+            c = PLAN_CACHE.get(self.contract_eq, shapes, dtype).flops
             m = self._plan(self.materialise_eq, factors).flops
             m += 2 * n_tokens * self.rows * self.n_in * self.in_chunk
             choice = c <= m
@@ -553,6 +561,33 @@ class ContributionProgram(nn.Module):
         if not self.po_used and self.n_out > 1:
             y = y.unsqueeze(1).expand(n, self.n_out, *y.shape[1:])
         return y.reshape(n, -1)
+
+
+class LazyOperands(Sequence):
+    """A program's sliced factor network (:meth:`ContributionProgram.operands`), formed on
+    the first read of a term; ``dtype`` without forming it."""
+
+    __slots__ = ("_program", "_terms", "dtype")
+
+    def __init__(self, program: ContributionProgram) -> None:
+        self._program = program
+        self._terms: list[torch.Tensor] | None = None
+        tensor = program.__dict__["tensor"]
+        self.dtype = getattr(tensor, program._term_names[0]).dtype
+
+    def _formed(self) -> list[torch.Tensor]:
+        if self._terms is None:
+            self._terms = self._program.operands()
+        return self._terms
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._formed()[i]
+
+    def __len__(self) -> int:
+        return len(self._program._term_names)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._formed())
 
 
 def _laid_out(
