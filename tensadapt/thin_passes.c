@@ -27,10 +27,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ROW_BLOCK 8 /* tokens per block of the reductions */
+#define ROW_BLOCK 8 /* tokens per block of the reductions at rank <= 8 */
 #define ROWS 8   /* token rows per block of z P */
 #define LINE 16  /* floats per cache line */
 #define AHEAD 8  /* rows prefetched ahead: a cold activation otherwise halves the pass's speed */
+
+/* Tokens per block of the reductions and the fused passes for a thin operand of this rank:
+ * ROW_BLOCK up to rank 8; above it 3 ROW_BLOCK, a multiple of every rows tile's height (8, 6,
+ * 4, 3), so no block ends in one-row tiles, and G is read and written a third as often (at
+ * rank 32 the fused passes ran 1.15-1.35x as fast as with blocks of 8, AVX2). */
+static inline long block_rows(long rank) { return rank > 8 ? 3 * ROW_BLOCK : ROW_BLOCK; }
 
 #define TA_ISA 256
 #include "simd.h"
@@ -125,8 +131,9 @@ static int reduce_tokens(const float *z, long N, long M, const float *packed, lo
         long n0, n1;
         token_range(N, t, T, &n0, &n1);
         float *dst = t == 0 ? G : extra + (size_t)(t - 1) * (size_t)size;
-        for (long n = n0; n < n1; n += ROW_BLOCK) {
-            long e = n + ROW_BLOCK < n1 ? n + ROW_BLOCK : n1;
+        const long blk = block_rows(R > Ru ? R : Ru);
+        for (long n = n0; n < n1; n += blk) {
+            long e = n + blk < n1 ? n + blk : n1;
             if (packed != NULL) ta_rows_range(z, M, packed, R, out, n, e);
             ta_cols_range(u, Ru, z, M, dst, n, e);
         }
@@ -196,8 +203,9 @@ int ta_factor_grads(int G, int shared, const float *x, long K, long N, const flo
         long n0, n1;
         token_range(N, t, T, &n0, &n1);
         float *mine = t == 0 ? NULL : extra + (size_t)(t - 1) * (size_t)size;
-        for (long n = n0; n < n1; n += ROW_BLOCK) {
-            long e = n + ROW_BLOCK < n1 ? n + ROW_BLOCK : n1;
+        const long blk = block_rows(R);
+        for (long n = n0; n < n1; n += blk) {
+            long e = n + blk < n1 ? n + blk : n1;
             if (shared) ta_rows_range(x, K, pa[0], R, h[0], n, e);
             for (int j = 0; j < G; ++j) {
                 const float *hj = shared ? h[0] : h[j];
@@ -230,10 +238,106 @@ int ta_factor_grads(int G, int shared, const float *x, long K, long N, const flo
 
 #else /* ------------------------------------------ kernels, once per instruction set (simd.h) */
 
-/* out[n, :R] = z[n, :M] P for n in [n0, n1); P packed (groups, M, VW). Eight token rows at
- * a time: eight independent FMA chains share each panel load. */
+/* Rows passes' tiles: accumulator c<i><g> is token row i, panel group g; named, since an
+ * array of them is kept on the stack. RT_STEP is one column q of z against panel row q. */
+#define RT_FMA(i, g)                                                                           \
+    if (TILE_GG > g) c##i##g = V_FMA(zq, p##g, c##i##g);
+#define RT_ROW(i)                                                                              \
+    if (TILE_RR > i) {                                                                         \
+        const VEC zq = V_BCAST(z0 + i * M + q);                                                \
+        RT_FMA(i, 0) RT_FMA(i, 1) RT_FMA(i, 2) RT_FMA(i, 3)                                    \
+    }
+#define RT_STEP(q)                                                                             \
+    {                                                                                          \
+        const VEC p0 = V_LOAD(packed + (g0 * M + (q)) * VW);                                   \
+        const VEC p1 = TILE_GG > 1 ? V_LOAD(packed + ((g0 + 1) * M + (q)) * VW) : p0;          \
+        const VEC p2 = TILE_GG > 2 ? V_LOAD(packed + ((g0 + 2) * M + (q)) * VW) : p0;          \
+        const VEC p3 = TILE_GG > 3 ? V_LOAD(packed + ((g0 + 3) * M + (q)) * VW) : p0;          \
+        RT_ROW(0) RT_ROW(1) RT_ROW(2) RT_ROW(3) RT_ROW(4) RT_ROW(5) RT_ROW(6) RT_ROW(7)        \
+    }
+#define RT_OUT(i, g)                                                                           \
+    if (TILE_RR > i && TILE_GG > g) {                                                          \
+        float *dst = out + (n + i) * R + (g0 + g) * VW;                                        \
+        const long cols = R - (g0 + g) * VW;                                                   \
+        if (cols >= VW)                                                                        \
+            V_STORE(dst, c##i##g);                                                             \
+        else                                                                                   \
+            V_STORE_N(dst, c##i##g, cols);                                                     \
+    }
+#define RT_OUT_ROW(i) RT_OUT(i, 0) RT_OUT(i, 1) RT_OUT(i, 2) RT_OUT(i, 3)
+#define RT_ZERO_ROW(i)                                                                         \
+    VEC c##i##0 = V_ZERO(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+
+/* The columns of panel groups g0 .. g0 + GG - 1 of out[n + i, :] = z[n + i, :] P, i < RR:
+ * RR x GG accumulators in registers over M, so each panel load serves RR rows and each
+ * broadcast of z serves GG groups. One function per shape, its sizes constants. */
+#define ROWS_TILE(RR, GG)                                                                      \
+    KERNEL static inline __attribute__((always_inline)) void ISA(rows_tile_##RR##x##GG)(       \
+        const float *z, long M, const float *packed, long R, float *out, long n, long g0) {    \
+        enum { TILE_RR = RR, TILE_GG = GG };                                                   \
+        const float *z0 = z + n * M;                                                           \
+        const char *ahead = (const char *)(z0 + AHEAD * M);                                    \
+        RT_ZERO_ROW(0) RT_ZERO_ROW(1) RT_ZERO_ROW(2) RT_ZERO_ROW(3)                            \
+        RT_ZERO_ROW(4) RT_ZERO_ROW(5) RT_ZERO_ROW(6) RT_ZERO_ROW(7)                            \
+        for (long m = 0; m < M; m += LINE) {                                                   \
+            const long end = m + LINE < M ? m + LINE : M;                                      \
+            if (g0 == 0)                                                                       \
+                for (int i = 0; i < RR; ++i)                                                   \
+                    _mm_prefetch(ahead + (i * M + m) * sizeof(float), _MM_HINT_T0);            \
+            for (long q = m; q < end; ++q) RT_STEP(q)                                          \
+        }                                                                                      \
+        RT_OUT_ROW(0) RT_OUT_ROW(1) RT_OUT_ROW(2) RT_OUT_ROW(3)                                \
+        RT_OUT_ROW(4) RT_OUT_ROW(5) RT_OUT_ROW(6) RT_OUT_ROW(7)                                \
+    }
+ROWS_TILE(8, 1)
+ROWS_TILE(6, 2)
+ROWS_TILE(4, 3)
+ROWS_TILE(3, 4)
+ROWS_TILE(1, 1)
+ROWS_TILE(1, 2)
+ROWS_TILE(1, 3)
+ROWS_TILE(1, 4)
+#undef ROWS_TILE
+#undef RT_FMA
+#undef RT_ROW
+#undef RT_STEP
+#undef RT_OUT
+#undef RT_OUT_ROW
+#undef RT_ZERO_ROW
+
+/* out[n, :R] = z[n, :M] P for n in [n0, n1) at rank above VW (2 to 4 panel groups): tiles of
+ * 6 rows x 2 groups, 4 x 3 or 3 x 4, so each broadcast of z feeds several FMAs (3 x 4 ran
+ * 1.2-1.4x as fast as 8 rows x 1 group at rank 32, AVX2); rows left over take one-row tiles;
+ * ranks above 4 groups (beyond max_rank) take the groups 4 at a time. */
+KERNEL static void ISA(rows_wide)(const float *z, long M, const float *packed, long R,
+                                  float *out, long n0, long n1, long groups) {
+#define RT_RUN(RR, GG)                                                                         \
+    {                                                                                          \
+        long n = n0;                                                                           \
+        for (; n + RR <= n1; n += RR) ISA(rows_tile_##RR##x##GG)(z, M, packed, R, out, n, g0); \
+        for (; n < n1; ++n) ISA(rows_tile_1x##GG)(z, M, packed, R, out, n, g0);                \
+    }                                                                                          \
+    break;
+    for (long g0 = 0; g0 < groups; g0 += 4) {
+        switch (groups - g0 < 4 ? groups - g0 : 4) {
+        case 1: RT_RUN(8, 1)
+        case 2: RT_RUN(6, 2)
+        case 3: RT_RUN(4, 3)
+        default: RT_RUN(3, 4)
+        }
+    }
+#undef RT_RUN
+}
+
+/* out[n, :R] = z[n, :M] P for n in [n0, n1); P packed (groups, M, VW). One panel group (rank
+ * <= VW): eight token rows at a time, eight independent FMA chains sharing each panel load;
+ * more groups: rows_wide. */
 KERNEL static void ISA(rows_times)(const float *z, long M, const float *packed, long R,
                                    float *out, long n0, long n1) {
+    if (R > VW) {
+        ISA(rows_wide)(z, M, packed, R, out, n0, n1, (R + VW - 1) / VW);
+        return;
+    }
     const long groups = (R + VW - 1) / VW;
     long n = n0;
     for (; n + ROWS <= n1; n += ROWS) {
@@ -295,20 +399,20 @@ KERNEL static inline __attribute__((always_inline)) void ISA(cols_tile)(
         }
         const VEC z0 = V_LOAD(zn);
         const VEC z1 = S > 1 ? V_LOAD(zn + VW) : z0;
-#define ACC(j)                                         \
-    if (RR > j) {                                      \
-        const VEC uj = V_BCAST(un + j);                \
-        a##j = V_FMA(uj, z0, a##j);                    \
-        if (S > 1) b##j = V_FMA(uj, z1, b##j);         \
+#define ACC(j)                                                                                 \
+    if (RR > j) {                                                                              \
+        const VEC uj = V_BCAST(un + j);                                                        \
+        a##j = V_FMA(uj, z0, a##j);                                                            \
+        if (S > 1) b##j = V_FMA(uj, z1, b##j);                                                 \
     }
         ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
 #undef ACC
     }
     float *g = G + r0 * M + m;
-#define OUT(j)                                                                        \
-    if (RR > j) {                                                                     \
-        V_STORE(g + j * M, V_ADD(V_LOAD(g + j * M), a##j));                           \
-        if (S > 1) V_STORE(g + j * M + VW, V_ADD(V_LOAD(g + j * M + VW), b##j));      \
+#define OUT(j)                                                                                 \
+    if (RR > j) {                                                                              \
+        V_STORE(g + j * M, V_ADD(V_LOAD(g + j * M), a##j));                                    \
+        if (S > 1) V_STORE(g + j * M + VW, V_ADD(V_LOAD(g + j * M + VW), b##j));               \
     }
     OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
 #undef OUT
@@ -317,12 +421,12 @@ KERNEL static inline __attribute__((always_inline)) void ISA(cols_tile)(
 /* cols_tile with its row count and strip count as constants (1 to 6 rows, 1 or 2 strips). */
 KERNEL static void ISA(cols_strip)(const float *u, long R, long r0, int RR, const float *z,
                                    long M, long m, int S, float *G, long n0, long n1, int ahead) {
-#define TILE(rr)                                                                   \
-    case rr:                                                                       \
-        if (S == 2)                                                                \
-            ISA(cols_tile)(u, R, r0, rr, z, M, m, 2, G, n0, n1, ahead);            \
-        else                                                                       \
-            ISA(cols_tile)(u, R, r0, rr, z, M, m, 1, G, n0, n1, ahead);            \
+#define TILE(rr)                                                                               \
+    case rr:                                                                                   \
+        if (S == 2)                                                                            \
+            ISA(cols_tile)(u, R, r0, rr, z, M, m, 2, G, n0, n1, ahead);                        \
+        else                                                                                   \
+            ISA(cols_tile)(u, R, r0, rr, z, M, m, 1, G, n0, n1, ahead);                        \
         break;
     switch (RR) {
         TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
@@ -330,14 +434,15 @@ KERNEL static void ISA(cols_strip)(const float *u, long R, long r0, int RR, cons
 #undef TILE
 }
 
-/* G[r, m] += sum_{n in [n0, n1)} u[n, r] z[n, m]; u rows of stride R. Per block of ROW_BLOCK
+/* G[r, m] += sum_{n in [n0, n1)} u[n, r] z[n, m]; u rows of stride R. Per block of block_rows(R)
  * tokens, the rows of G go in groups of at most 6 and its columns in strips of 2 VW, each
  * group x strip a register tile over the block; the first group prefetches the next block. */
 KERNEL static void ISA(cols_reduce)(const float *u, long R, const float *z, long M, float *G,
                                     long n0, long n1) {
     const long groups = (R + 5) / 6;
-    for (long nb = n0; nb < n1; nb += ROW_BLOCK) {
-        const long ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
+    const long blk = block_rows(R);
+    for (long nb = n0; nb < n1; nb += blk) {
+        const long ne = nb + blk < n1 ? nb + blk : n1;
         long m = 0;
         for (; m + VW <= M; m += 2 * VW) {
             const int S = m + 2 * VW <= M ? 2 : 1;

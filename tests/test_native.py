@@ -40,7 +40,7 @@ def test_native_builds_and_loads_here():
 @needs_native
 @pytest.mark.parametrize("n", [64, 67, 2083])
 @pytest.mark.parametrize("m", [8, 13, 384, 392, 1537])
-@pytest.mark.parametrize("r", [1, 2, 6, 8, 9, 24, 33])
+@pytest.mark.parametrize("r", [1, 2, 6, 8, 9, 16, 24, 32, 33])
 def test_passes_equal_dense_products(n, m, r, each_isa):
     """``z P``, ``uᵀ z`` and the fused ``(gy B, hbᵀ gy)`` against float64 products, with
     token counts and widths that leave row blocks, two- and one-register column strips
@@ -66,7 +66,13 @@ def test_passes_equal_dense_products(n, m, r, each_isa):
 
 @needs_native
 @pytest.mark.parametrize(
-    "n, k, widths, r", [(64, 8, [13], 1), (67, 392, [384, 24, 1537], 7), (2083, 384, [1152], 24)]
+    "n, k, widths, r",
+    [
+        (64, 8, [13], 1),
+        (67, 392, [384, 24, 1537], 7),
+        (2083, 384, [1152], 24),
+        (1043, 384, [384, 1537], 32),
+    ],
 )
 @pytest.mark.parametrize("shared", [False, True])
 def test_factor_grads_equal_dense_products(n, k, widths, r, shared, each_isa):
