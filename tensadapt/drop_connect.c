@@ -21,12 +21,7 @@
 #include <string.h>
 
 #define KERNEL __attribute__((target("avx2,fma")))
-#ifndef TP
-#define TP 32 /* tokens per chunk */
-#endif
-#ifndef QB
-#define QB 128 /* columns per block of the held panel: QB x TP floats = 16 KiB */
-#endif
+#define TP 32 /* tokens per chunk: a row's run of them is four AVX2 registers (TA_DOT) */
 
 static inline uint32_t mix(uint32_t x) {
     x ^= x >> 16;
@@ -145,47 +140,39 @@ KERNEL static inline int dropped8(uint32_t e0, __m256i steps, __m256i k0, __m256
 }
 
 /* Row p's dropped entries (entries p*sp + q*sq, q < Q): bits[q / 8] gets bit q % 8 set
- * where entry q drops, and cnt[b * P + p] the count in each column block b of QB. */
-KERNEL static void row_drops(long p, long P, long Q, long sp, long sq, uint32_t k0, uint32_t k1,
-                             int threshold, unsigned char *bits, long *cnt) {
+ * where entry q drops; returns their count. */
+KERNEL static long row_drops(long p, long Q, long sp, long sq, uint32_t k0, uint32_t k1,
+                             int threshold, unsigned char *bits) {
     const __m256i K0 = _mm256_set1_epi32((int)k0), K1 = _mm256_set1_epi32((int)k1);
     const __m256i below = _mm256_set1_epi32(threshold - 1);
     const __m256i steps = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                              _mm256_set1_epi32((int)sq));
     const uint32_t base = (uint32_t)(p * sp);
-    for (long q0 = 0, b = 0; q0 < Q; q0 += QB, ++b) {
-        const long q1 = q0 + QB < Q ? q0 + QB : Q;
-        long n = 0, q = q0;
-        for (; q + 8 <= q1; q += 8) {
-            int m = dropped8(base + (uint32_t)(q * sq), steps, K0, K1, below);
-            bits[q / 8] = (unsigned char)m;
-            n += __builtin_popcount(m);
-        }
-        if (q < q1) {
-            int m = 0;
-            for (long l = 0; q + l < q1; ++l) {
-                uint32_t e = base + (uint32_t)((q + l) * sq);
-                m |= ((int)(mix(mix(e ^ k0) ^ k1) >> 16) < threshold) << l;
-            }
-            bits[q / 8] = (unsigned char)m;
-            n += __builtin_popcount(m);
-        }
-        cnt[b * P + p] = n;
+    long n = 0, q = 0;
+    for (; q + 8 <= Q; q += 8) {
+        int m = dropped8(base + (uint32_t)(q * sq), steps, K0, K1, below);
+        bits[q / 8] = (unsigned char)m;
+        n += __builtin_popcount(m);
     }
+    if (q < Q) {
+        int m = 0;
+        for (long l = 0; q + l < Q; ++l) {
+            uint32_t e = base + (uint32_t)((q + l) * sq);
+            m |= ((int)(mix(mix(e ^ k0) ^ k1) >> 16) < threshold) << l;
+        }
+        bits[q / 8] = (unsigned char)m;
+        n += __builtin_popcount(m);
+    }
+    return n;
 }
 
-/* Row p's dropped columns from its bits, ascending, into idx at start[b * P + p] per block. */
-static void row_list(long p, long P, long Q, const unsigned char *bits, const long *start,
-                     int32_t *idx) {
-    for (long q0 = 0, b = 0; q0 < Q; q0 += QB, ++b) {
-        int32_t *out = idx + start[b * P + p];
-        const long q1 = q0 + QB < Q ? q0 + QB : Q;
-        for (long q = q0; q < q1; q += 8) {
-            int m = bits[q / 8];
-            while (m) {
-                *out++ = (int32_t)(q + __builtin_ctz(m));
-                m &= m - 1;
-            }
+/* Row p's dropped columns q from its bits, ascending, as panel offsets q * TP. */
+static void row_list(long Q, const unsigned char *bits, int32_t *off) {
+    for (long q = 0; q < Q; q += 8) {
+        int m = bits[q / 8];
+        while (m) {
+            *off++ = (int32_t)((q + __builtin_ctz(m)) * TP);
+            m &= m - 1;
         }
     }
 }
@@ -240,46 +227,52 @@ KERNEL static inline float hsum1(__m256 a) {
     return _mm_cvtss_f32(s);
 }
 
-/* <g, q_i> over TP tokens for the four rows q_i, as four lanes. */
-KERNEL static inline __m128 dot4(const float *g, const float *q0, const float *q1,
-                                 const float *q2, const float *q3) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (long t = 0; t < TP; t += 8) {
-        __m256 gv = _mm256_loadu_ps(g + t);
-        a0 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q0 + t), a0);
-        a1 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q1 + t), a1);
-        a2 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q2 + t), a2);
-        a3 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(q3 + t), a3);
-    }
-    return hsum4(a0, a1, a2, a3);
-}
+/* <g, r[off]> over TP = 32 tokens, as the lanes of one vector, g in g0..g3. */
+#define TA_DOT(acc, o)                                                                  \
+    do {                                                                               \
+        const float *q_ = r + (o);                                                     \
+        acc = _mm256_mul_ps(g0, _mm256_loadu_ps(q_));                                  \
+        acc = _mm256_fmadd_ps(g1, _mm256_loadu_ps(q_ + 8), acc);                       \
+        acc = _mm256_fmadd_ps(g2, _mm256_loadu_ps(q_ + 16), acc);                      \
+        acc = _mm256_fmadd_ps(g3, _mm256_loadu_ps(q_ + 24), acc);                      \
+    } while (0)
 
-/* d[k] += <g, r[idx[k]]> over TP tokens for k < n; r rows of stride TP. Eight entries at a
- * time (two unrolled groups of four: eight independent FMA chains), then four, then one. */
-KERNEL static inline void dots(const float *g, const float *r, const int32_t *idx, long n,
-                               float *d) {
+/* d[k] += <g, r + off[k]> over the TP tokens for k < n: g (TP floats) in registers, eight
+ * entries per group summed across lanes together, then four, then one at a time. */
+KERNEL static inline void dots(const float *restrict g, const float *restrict r,
+                               const int32_t *restrict off, long n, float *restrict d) {
+    const __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
+    const __m256 g2 = _mm256_loadu_ps(g + 16), g3 = _mm256_loadu_ps(g + 24);
     long k = 0;
-#define ROW(i) (r + idx[k + (i)] * TP)
     for (; k + 8 <= n; k += 8) {
-        __m128 lo = dot4(g, ROW(0), ROW(1), ROW(2), ROW(3));
-        __m128 hi = dot4(g, ROW(4), ROW(5), ROW(6), ROW(7));
-        _mm_storeu_ps(d + k, _mm_add_ps(_mm_loadu_ps(d + k), lo));
-        _mm_storeu_ps(d + k + 4, _mm_add_ps(_mm_loadu_ps(d + k + 4), hi));
+        __m256 a0, a1, a2, a3, a4, a5, a6, a7;
+        TA_DOT(a0, off[k]);
+        TA_DOT(a1, off[k + 1]);
+        TA_DOT(a2, off[k + 2]);
+        TA_DOT(a3, off[k + 3]);
+        TA_DOT(a4, off[k + 4]);
+        TA_DOT(a5, off[k + 5]);
+        TA_DOT(a6, off[k + 6]);
+        TA_DOT(a7, off[k + 7]);
+        __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+        __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                                   _mm256_permute2f128_ps(t0, t1, 0x31));
+        _mm256_storeu_ps(d + k, _mm256_add_ps(_mm256_loadu_ps(d + k), sum));
     }
-    for (; k + 4 <= n; k += 4)
-        _mm_storeu_ps(d + k, _mm_add_ps(_mm_loadu_ps(d + k), dot4(g, ROW(0), ROW(1), ROW(2), ROW(3))));
-#undef ROW
+    if (k + 4 <= n) {
+        __m256 a0, a1, a2, a3;
+        TA_DOT(a0, off[k]);
+        TA_DOT(a1, off[k + 1]);
+        TA_DOT(a2, off[k + 2]);
+        TA_DOT(a3, off[k + 3]);
+        _mm_storeu_ps(d + k, _mm_add_ps(_mm_loadu_ps(d + k), hsum4(a0, a1, a2, a3)));
+        k += 4;
+    }
     for (; k < n; ++k) {
-        const float *q0 = r + idx[k] * TP;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        long t = 0;
-        for (; t + 16 <= TP; t += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + t), _mm256_loadu_ps(q0 + t), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(g + t + 8), _mm256_loadu_ps(q0 + t + 8), a1);
-        }
-        for (; t < TP; t += 8)
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + t), _mm256_loadu_ps(q0 + t), a0);
-        d[k] += hsum1(_mm256_add_ps(a0, a1));
+        __m256 a0;
+        TA_DOT(a0, off[k]);
+        d[k] += hsum1(a0);
     }
 }
 
@@ -299,45 +292,55 @@ KERNEL static inline void axpy(long R, float v, const float *restrict in, float 
     for (; r < R; ++r) out[r] += v * in[r];
 }
 
-/* outp (P x R) = D vq and outq (Q x R) = D^T vp: column blocks own disjoint rows of outq,
- * rows p own disjoint rows of outp, so threads split each without partials. */
-static void contract(long P, long Q, long R, long blocks, const long *start, const int32_t *idx,
-                     const float *d, const float *vp, const float *vq, float *outp, float *outq,
-                     int threads) {
-    memset(outp, 0, sizeof(float) * (size_t)(P * R));
-    memset(outq, 0, sizeof(float) * (size_t)(Q * R));
+/* outp (P x R) = D vq and outq (Q x R) = D^T vp, D given by each row's entries. Threads
+ * take rows: outp's are their own, outq's are summed over per-thread copies. */
+static int contract(long P, long Q, long R, const long *start, const int32_t *off,
+                    const float *d, const float *vp, const float *vq, float *outp, float *outq,
+                    int threads) {
+    float *part = calloc((size_t)threads * (size_t)(Q * R), sizeof(float));
+    if (!part) return -1;
+    int used = 1;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static) nowait
-        for (long b = 0; b < blocks; ++b)
-            for (long p = 0; p < P; ++p)
-                for (long k = start[b * P + p]; k < start[b * P + p + 1]; ++k)
-                    axpy(R, d[k], vp + p * R, outq + idx[k] * R);
+        int t = omp_get_thread_num();
+        float *mine = part + (size_t)t * (size_t)(Q * R);
 #pragma omp for schedule(static)
-        for (long p = 0; p < P; ++p)
-            for (long b = 0; b < blocks; ++b)
-                for (long k = start[b * P + p]; k < start[b * P + p + 1]; ++k)
-                    axpy(R, d[k], vq + idx[k] * R, outp + p * R);
+        for (long p = 0; p < P; ++p) {
+            float *op = outp + p * R;
+            memset(op, 0, sizeof(float) * (size_t)R);
+            for (long k = start[p]; k < start[p + 1]; ++k) {
+                const long q = off[k] / TP;
+                axpy(R, d[k], vq + q * R, op);
+                axpy(R, d[k], vp + p * R, mine + q * R);
+            }
+        }
+        if (t == 0) used = omp_get_num_threads();
     }
+    for (long k = 0; k < Q * R; ++k) {
+        float v = part[k];
+        for (int t = 1; t < used; ++t) v += part[(size_t)t * (size_t)(Q * R) + (size_t)k];
+        outq[k] = v;
+    }
+    free(part);
+    return 0;
 }
 
 void ta_rows_range(const float *z, long M, const float *packed, long R, float *out, long n0,
                    long n1);
 void ta_cols_range(const float *u, long R, const float *z, long M, float *G, long n0, long n1);
+void ta_sums_range(const float *z, long M, float *s, long n0, long n1);
 
 /* What one thread accumulates over its token chunks. */
 struct partials {
-    float *d;           /* the dropped entries' sums, nnz */
     float *ga, *gb, *gbias; /* gh^T x (R x K), h^T gy (R x M), 1^T gy (M) */
-    float *h, *gh;      /* x A^T and gy B on the chunk, TP x R */
-    float *rq, *rp;     /* the chunk's transposed panels, Q x TP and P x TP */
+    float *h, *gh;          /* x A^T and gy B on the chunk, TP x R */
+    float *rq, *rp;         /* the chunk's transposed panels: all Q columns, the thread's rows */
 };
 
 /* Bump allocation of one thread's partials from a zeroed block. */
-static struct partials carve(float *block, long nnz, long R, long K, long M, long Q) {
+static struct partials carve(float *block, long R, long K, long M, long Q) {
     struct partials s;
-    s.d = block;
-    s.ga = s.d + nnz + 8;
+    s.ga = block;
     s.gb = s.ga + R * K;
     s.gbias = s.gb + R * M;
     s.h = s.gbias + M;
@@ -347,8 +350,8 @@ static struct partials carve(float *block, long nnz, long R, long K, long M, lon
     return s;
 }
 
-static long partial_floats(long nnz, long R, long K, long M, long P, long Q) {
-    return nnz + 8 + R * K + R * M + M + 2 * TP * R + (P + Q) * TP;
+static long partial_floats(long R, long K, long M, long P, long Q) {
+    return R * K + R * M + M + 2 * TP * R + (P + Q) * TP + 16;
 }
 
 /* The factor gradients of DropConnect on a low-rank update, y = x (W + c (m (.) B A))^T:
@@ -358,13 +361,18 @@ static long partial_floats(long nnz, long R, long K, long M, long P, long Q) {
  * computed as m (.) G = G - (1 - m) (.) G. The first term gives the low-rank products
  * gh^T x and h^T gy (h = x A^T, gh = gy B); the second needs G only on the dropped
  * entries, D_pq = sum_n zp[n, p] zq[n, q]: p of the dense product's multiply-adds. Both
- * run chunk by chunk over the tokens, so x and gy are read from memory once.
+ * run chunk by chunk over the tokens, so x and gy are read from memory about once.
  *
  * Per chunk of TP tokens, (zp, zq) = (gy, x), or (x, gy) when x is the wider, are
  * transposed into panels (token runs of length TP), so each D_pq is a dot product along
- * tokens; the zq panel is walked in column blocks of QB (QB x TP floats, 16 KiB, stays in
- * L1) while every row p meets its dropped columns in that block. Threads take token ranges
- * with their own partials, summed at the end.
+ * tokens, taken with zp's run in registers against the zq panel (Q x TP floats, in L1 and
+ * L2) at each dropped column q of row p. Each row's columns make one list, so a row costs
+ * one loop over some Q p entries and its mispredicted exit; lists per column block of the
+ * panel (held in L1) were slower, for their many short loops. Threads split the rows p
+ * (by entry count), so each owns its entries' sums, and those, their offsets and its rows'
+ * panel stay in its own L2 from chunk to chunk; every thread transposes the whole
+ * (narrower) zq chunk. The thin passes take the chunks in turn, eight tokens at a time,
+ * with per-thread partials summed at the end.
  *
  * gy (N x M), x (N x K), a_t = A^T (K x R), b = B (M x R); pa, pb the same packed for the
  * thin passes (thin_passes.c). Writes ga (R x K), gb (M x R) and, unless NULL, gbias (M).
@@ -376,9 +384,8 @@ int ta_drop_factor_grads(const float *gy, long M, const float *x, long K, long N
     const int wide = M >= K; /* gy is zp, x is zq */
     const float *zp = wide ? gy : x, *zq = wide ? x : gy;
     const long P = wide ? M : K, Q = wide ? K : M, sp = wide ? K : 1, sq = wide ? 1 : K;
-    const long blocks = (Q + QB - 1) / QB, lists = blocks * P;
     const long row_bytes = (Q + 7) / 8;
-    long *start = malloc(sizeof(long) * (size_t)(lists + 1));
+    long *start = malloc(sizeof(long) * (size_t)(P + 1));
     unsigned char *bits = malloc((size_t)(P * row_bytes));
     if (!start || !bits) {
         free_all(start, bits, NULL, NULL);
@@ -386,62 +393,72 @@ int ta_drop_factor_grads(const float *gy, long M, const float *x, long K, long N
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long p = 0; p < P; ++p)
-        row_drops(p, P, Q, sp, sq, k0, k1, threshold, bits + p * row_bytes, start + 1);
+        start[p + 1] = row_drops(p, Q, sp, sq, k0, k1, threshold, bits + p * row_bytes);
     start[0] = 0;
-    for (long l = 0; l < lists; ++l) start[l + 1] += start[l];
-    const long nnz = start[lists], per_thread = partial_floats(nnz, R, K, M, P, Q);
-    int32_t *idx = malloc(sizeof(int32_t) * (size_t)(nnz + 1));
+    for (long p = 0; p < P; ++p) start[p + 1] += start[p];
+    const long nnz = start[P], per_thread = partial_floats(R, K, M, P, Q);
+    int32_t *off = malloc(sizeof(int32_t) * (size_t)(nnz + 1));
+    float *d = calloc((size_t)(nnz + 8), sizeof(float));
     float *block = calloc((size_t)threads * (size_t)per_thread, sizeof(float));
     float *drop = malloc(sizeof(float) * (size_t)((K + M) * R));
-    if (!idx || !block || !drop) {
-        free_all(start, bits, idx, block);
-        free(drop);
+    if (!off || !d || !block || !drop) {
+        free_all(start, bits, off, d);
+        free_all(block, drop, NULL, NULL);
         return -1;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long p = 0; p < P; ++p) row_list(p, P, Q, bits + p * row_bytes, start, idx);
+    for (long p = 0; p < P; ++p) row_list(Q, bits + p * row_bytes, off + start[p]);
     free(bits);
     int used = 1;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
-        long chunks = (N + TP - 1) / TP, per = (chunks + T - 1) / T;
-        long c0 = t * per, c1 = c0 + per < chunks ? c0 + per : chunks;
-        struct partials s = carve(block + (size_t)t * (size_t)per_thread, nnz, R, K, M, Q);
-        for (long ch = c0; ch < c1; ++ch) {
+        /* rows split so that each thread has about nnz / T entries */
+        long p0 = 0, p1 = 0;
+        for (long p = 0, goal0 = nnz * t / T, goal1 = nnz * (t + 1) / T; p <= P; ++p) {
+            if (start[p] <= goal0) p0 = p;
+            if (start[p] <= goal1) p1 = p;
+        }
+        if (t == T - 1) p1 = P;
+        const long chunks = (N + TP - 1) / TP;
+        struct partials s = carve(block + (size_t)t * (size_t)per_thread, R, K, M, Q);
+        for (long ch = 0; ch < chunks; ++ch) {
             const long n0 = ch * TP, rows = n0 + TP < N ? TP : N - n0;
             const float *xc = x + n0 * K, *gyc = gy + n0 * M;
-            ta_rows_range(xc, K, pa, R, s.h, 0, rows);
-            ta_rows_range(gyc, M, pb, R, s.gh, 0, rows);
-            ta_cols_range(s.gh, R, xc, K, s.ga, 0, rows);
-            ta_cols_range(s.h, R, gyc, M, s.gb, 0, rows);
-            if (gbias != NULL)
-                for (long n = 0; n < rows; ++n)
-                    for (long m = 0; m < M; ++m) s.gbias[m] += gyc[n * M + m];
-            pack_t(zq + n0 * Q, Q, Q, rows, TP, s.rq);
-            pack_t(zp + n0 * P, P, P, rows, TP, s.rp);
-            for (long bl = 0; bl < blocks; ++bl)
-                for (long p = 0; p < P; ++p) {
-                    const long l = bl * P + p;
-                    dots(s.rp + p * TP, s.rq, idx + start[l], start[l + 1] - start[l], s.d + start[l]);
+            if (ch % T == t) /* the thin passes, eight tokens at a time while they are in cache */
+                for (long i = 0; i < rows; i += 8) {
+                    const long e = i + 8 < rows ? i + 8 : rows;
+                    ta_rows_range(xc, K, pa, R, s.h, i, e);
+                    ta_rows_range(gyc, M, pb, R, s.gh, i, e);
+                    ta_cols_range(s.gh, R, xc, K, s.ga, i, e);
+                    ta_cols_range(s.h, R, gyc, M, s.gb, i, e);
+                    if (gbias != NULL) ta_sums_range(gyc, M, s.gbias, i, e);
                 }
+            if (p0 >= p1) continue;
+            pack_t(zq + n0 * Q, Q, Q, rows, TP, s.rq);
+            pack_t(zp + n0 * P + p0, P, p1 - p0, rows, TP, s.rp);
+            for (long p = p0; p < p1; ++p)
+                dots(s.rp + (p - p0) * TP, s.rq, off + start[p], start[p + 1] - start[p], d + start[p]);
         }
         if (t == 0) used = T;
     }
-    /* sum the partials into thread 0's: they are laid out alike, up to the panels */
-    const long summed = per_thread - (P + Q) * TP - 2 * TP * R;
+    /* sum the partials into thread 0's: they are laid out alike, up to the chunk buffers */
+    const long summed = R * K + R * M + M;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long k = 0; k < summed; ++k)
         for (int t = 1; t < used; ++t) block[k] += block[(size_t)t * (size_t)per_thread + (size_t)k];
-    struct partials s = carve(block, nnz, R, K, M, Q);
+    struct partials s = carve(block, R, K, M, Q);
     float *da_t = drop, *db = drop + K * R; /* D^T B (K x R) and D A^T (M x R) */
-    contract(P, Q, R, blocks, start, idx, s.d, wide ? b : a_t, wide ? a_t : b, wide ? db : da_t,
-             wide ? da_t : db, threads);
-    for (long r = 0; r < R; ++r)
-        for (long k = 0; k < K; ++k) ga[r * K + k] = c * (s.ga[r * K + k] - da_t[k * R + r]);
-    for (long m = 0; m < M; ++m)
-        for (long r = 0; r < R; ++r) gb[m * R + r] = c * (s.gb[r * M + m] - db[m * R + r]);
-    if (gbias != NULL) memcpy(gbias, s.gbias, sizeof(float) * (size_t)M);
-    free_all(start, idx, block, drop);
-    return 0;
+    int status = contract(P, Q, R, start, off, d, wide ? b : a_t, wide ? a_t : b,
+                          wide ? db : da_t, wide ? da_t : db, threads);
+    if (status == 0) {
+        for (long r = 0; r < R; ++r)
+            for (long k = 0; k < K; ++k) ga[r * K + k] = c * (s.ga[r * K + k] - da_t[k * R + r]);
+        for (long m = 0; m < M; ++m)
+            for (long r = 0; r < R; ++r) gb[m * R + r] = c * (s.gb[r * M + m] - db[m * R + r]);
+        if (gbias != NULL) memcpy(gbias, s.gbias, sizeof(float) * (size_t)M);
+    }
+    free_all(start, off, d, block);
+    free(drop);
+    return status;
 }

@@ -90,6 +90,7 @@ static void sum_partials(float *G, float *extra, int T, long size) {
     }
 }
 
+static void sums_range(const float *z, long M, float *s, long n0, long n1);
 /* Token-range forms for other kernels in this library (drop_connect.c). */
 void ta_rows_range(const float *z, long M, const float *packed, long R, float *out, long n0,
                    long n1) {
@@ -98,6 +99,8 @@ void ta_rows_range(const float *z, long M, const float *packed, long R, float *o
     else
         rows_times_avx2(z, M, packed, R, out, n0, n1);
 }
+
+void ta_sums_range(const float *z, long M, float *s, long n0, long n1) { sums_range(z, M, s, n0, n1); }
 
 void ta_cols_range(const float *u, long R, const float *z, long M, float *G, long n0, long n1) {
     if (isa == 512)

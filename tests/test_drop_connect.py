@@ -95,6 +95,32 @@ def test_drop_factor_grads_match_the_dense_oracle(n, rows, cols, r, p, each_isa)
     assert native.drop_factor_grads(gy, x, a, b, c, dc.threshold(p), key, False)[2] is None
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_drop_factor_grads_split_rows_over_any_thread_count(threads):
+    """The dropped entries' rows are split among the threads by entry count, the thin passes
+    take the token chunks in turn: any thread count (more threads than chunks, ranges whose
+    rows hold no drops) gives the dense oracle's gradients."""
+    gen = torch.Generator().manual_seed(threads)
+    n, rows, cols, r, p = 100, 300, 41, 4, 0.02  # 4 chunks; many rows without a drop
+    gy, x = torch.randn(n, rows, generator=gen), torch.randn(n, cols, generator=gen)
+    a, b = torch.randn(r, cols, generator=gen), torch.randn(rows, r, generator=gen)
+    key = (0x0F1E2D3C, 0x4B5A6978)
+    g = gy.double().t() @ x.double() * torch_mask(rows * cols, p, key).view(rows, cols)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ga, gb, gbias = native.drop_factor_grads(gy, x, a, b, 1.0, dc.threshold(p), key, True)
+    finally:
+        torch.set_num_threads(before)
+    full = (gy.double().t() @ x.double()).abs()
+    for got, want, scale in (
+        (ga, b.double().t() @ g, b.double().abs().t() @ full),
+        (gb, g @ a.double().t(), full @ a.double().abs().t()),
+        (gbias, gy.double().sum(0), gy.double().abs().sum(0)),
+    ):
+        assert ((got.double() - want).abs() <= 1e-5 * scale + 1e-6).all()
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_hashed_mask_law(p):
     """Bernoulli(1 − p′): the kept fraction within 5 σ; neighbours along rows and along
