@@ -166,15 +166,30 @@ KERNEL static long row_drops(long p, long Q, long sp, long sq, uint32_t k0, uint
     return n;
 }
 
-/* Row p's dropped columns q from its bits, ascending, as panel offsets q * TP. */
-static void row_list(long Q, const unsigned char *bits, int32_t *off) {
-    for (long q = 0; q < Q; q += 8) {
-        int m = bits[q / 8];
-        while (m) {
-            *off++ = (int32_t)((q + __builtin_ctz(m)) * TP);
-            m &= m - 1;
-        }
+/* lanes[m]: the panel offsets j * TP of the set bits j of the byte m, ascending. */
+static int32_t lanes[256][8];
+
+__attribute__((constructor)) static void fill_lanes(void) {
+    for (int m = 0; m < 256; ++m)
+        for (int j = 0, n = 0; j < 8; ++j)
+            if (m >> j & 1) lanes[m][n++] = j * TP;
+}
+
+/* Row p's dropped columns q from its bits, ascending, as panel offsets q * TP into
+ * off .. end. Eight offsets are written per byte of bits and the end moved by its count, so
+ * no branch depends on the mask, while eight slots remain; the rest one offset at a time,
+ * so nothing is written past the row's list (the next row's may be another thread's). */
+KERNEL static void row_list(long Q, const unsigned char *bits, int32_t *off, const int32_t *end) {
+    long q = 0;
+    for (; q < Q && off + 8 <= end; q += 8) {
+        const int m = bits[q / 8];
+        const __m256i row = _mm256_loadu_si256((const __m256i *)lanes[m]);
+        _mm256_storeu_si256((__m256i *)off,
+                            _mm256_add_epi32(row, _mm256_set1_epi32((int)(q * TP))));
+        off += __builtin_popcount(m);
     }
+    for (; q < Q; q += 8)
+        for (int m = bits[q / 8]; m; m &= m - 1) *off++ = (int32_t)((q + __builtin_ctz(m)) * TP);
 }
 
 /* The 8 x 8 block src[t .. t+8, c .. c+8] (row stride ss) transposed into dst (stride Tp). */
@@ -292,37 +307,17 @@ KERNEL static inline void axpy(long R, float v, const float *restrict in, float 
     for (; r < R; ++r) out[r] += v * in[r];
 }
 
-/* outp (P x R) = D vq and outq (Q x R) = D^T vp, D given by each row's entries. Threads
- * take rows: outp's are their own, outq's are summed over per-thread copies. */
-static int contract(long P, long Q, long R, const long *start, const int32_t *off,
-                    const float *d, const float *vp, const float *vq, float *outp, float *outq,
-                    int threads) {
-    float *part = calloc((size_t)threads * (size_t)(Q * R), sizeof(float));
-    if (!part) return -1;
-    int used = 1;
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num();
-        float *mine = part + (size_t)t * (size_t)(Q * R);
-#pragma omp for schedule(static)
-        for (long p = 0; p < P; ++p) {
-            float *op = outp + p * R;
-            memset(op, 0, sizeof(float) * (size_t)R);
-            for (long k = start[p]; k < start[p + 1]; ++k) {
-                const long q = off[k] / TP;
-                axpy(R, d[k], vq + q * R, op);
-                axpy(R, d[k], vp + p * R, mine + q * R);
-            }
+/* Rows p0 .. p1 of outp (P x R) = D vq, and their share of outq (Q x R) = D^T vp added into
+ * outq, for D given by each row's entries. */
+static void contract_rows(long p0, long p1, long R, const long *start, const int32_t *off,
+                          const float *d, const float *vp, const float *vq, float *outp,
+                          float *outq) {
+    for (long p = p0; p < p1; ++p)
+        for (long k = start[p]; k < start[p + 1]; ++k) {
+            const long q = off[k] / TP;
+            axpy(R, d[k], vq + q * R, outp + p * R);
+            axpy(R, d[k], vp + p * R, outq + q * R);
         }
-        if (t == 0) used = omp_get_num_threads();
-    }
-    for (long k = 0; k < Q * R; ++k) {
-        float v = part[k];
-        for (int t = 1; t < used; ++t) v += part[(size_t)t * (size_t)(Q * R) + (size_t)k];
-        outq[k] = v;
-    }
-    free(part);
-    return 0;
 }
 
 void ta_rows_range(const float *z, long M, const float *packed, long R, float *out, long n0,
@@ -333,6 +328,7 @@ void ta_sums_range(const float *z, long M, float *s, long n0, long n1);
 /* What one thread accumulates over its token chunks. */
 struct partials {
     float *ga, *gb, *gbias; /* gh^T x (R x K), h^T gy (R x M), 1^T gy (M) */
+    float *dq;              /* D^T vp over the thread's rows (Q x R) */
     float *h, *gh;          /* x A^T and gy B on the chunk, TP x R */
     float *rq, *rp;         /* the chunk's transposed panels: all Q columns, the thread's rows */
 };
@@ -343,7 +339,8 @@ static struct partials carve(float *block, long R, long K, long M, long Q) {
     s.ga = block;
     s.gb = s.ga + R * K;
     s.gbias = s.gb + R * M;
-    s.h = s.gbias + M;
+    s.dq = s.gbias + M;
+    s.h = s.dq + Q * R;
     s.gh = s.h + TP * R;
     s.rq = s.gh + TP * R;
     s.rp = s.rq + Q * TP;
@@ -351,7 +348,7 @@ static struct partials carve(float *block, long R, long K, long M, long Q) {
 }
 
 static long partial_floats(long R, long K, long M, long P, long Q) {
-    return R * K + R * M + M + 2 * TP * R + (P + Q) * TP + 16;
+    return R * K + R * M + M + Q * R + 2 * TP * R + (P + Q) * TP + 16;
 }
 
 /* The factor gradients of DropConnect on a low-rank update, y = x (W + c (m (.) B A))^T:
@@ -400,14 +397,15 @@ int ta_drop_factor_grads(const float *gy, long M, const float *x, long K, long N
     int32_t *off = malloc(sizeof(int32_t) * (size_t)(nnz + 1));
     float *d = calloc((size_t)(nnz + 8), sizeof(float));
     float *block = calloc((size_t)threads * (size_t)per_thread, sizeof(float));
-    float *drop = malloc(sizeof(float) * (size_t)((K + M) * R));
-    if (!off || !d || !block || !drop) {
+    float *dp = calloc((size_t)(P * R), sizeof(float)); /* D vq (P x R) */
+    if (!off || !d || !block || !dp) {
         free_all(start, bits, off, d);
-        free_all(block, drop, NULL, NULL);
+        free_all(block, dp, NULL, NULL);
         return -1;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long p = 0; p < P; ++p) row_list(Q, bits + p * row_bytes, off + start[p]);
+    for (long p = 0; p < P; ++p)
+        row_list(Q, bits + p * row_bytes, off + start[p], off + start[p + 1]);
     free(bits);
     int used = 1;
 #pragma omp parallel num_threads(threads)
@@ -440,25 +438,24 @@ int ta_drop_factor_grads(const float *gy, long M, const float *x, long K, long N
             for (long p = p0; p < p1; ++p)
                 dots(s.rp + (p - p0) * TP, s.rq, off + start[p], start[p + 1] - start[p], d + start[p]);
         }
+        /* the thread's rows' sums are complete: D vq on them, and their share of D^T vp */
+        contract_rows(p0, p1, R, start, off, d, wide ? b : a_t, wide ? a_t : b, dp, s.dq);
         if (t == 0) used = T;
     }
     /* sum the partials into thread 0's: they are laid out alike, up to the chunk buffers */
-    const long summed = R * K + R * M + M;
+    const long summed = R * K + R * M + M + Q * R;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long k = 0; k < summed; ++k)
         for (int t = 1; t < used; ++t) block[k] += block[(size_t)t * (size_t)per_thread + (size_t)k];
-    struct partials s = carve(block, R, K, M, Q);
-    float *da_t = drop, *db = drop + K * R; /* D^T B (K x R) and D A^T (M x R) */
-    int status = contract(P, Q, R, start, off, d, wide ? b : a_t, wide ? a_t : b,
-                          wide ? db : da_t, wide ? da_t : db, threads);
-    if (status == 0) {
-        for (long r = 0; r < R; ++r)
-            for (long k = 0; k < K; ++k) ga[r * K + k] = c * (s.ga[r * K + k] - da_t[k * R + r]);
-        for (long m = 0; m < M; ++m)
-            for (long r = 0; r < R; ++r) gb[m * R + r] = c * (s.gb[r * M + m] - db[m * R + r]);
-        if (gbias != NULL) memcpy(gbias, s.gbias, sizeof(float) * (size_t)M);
-    }
+    const struct partials s = carve(block, R, K, M, Q);
+    /* D^T B (K x R) and D A^T (M x R) */
+    const float *da_t = wide ? s.dq : dp, *db = wide ? dp : s.dq;
+    for (long r = 0; r < R; ++r)
+        for (long k = 0; k < K; ++k) ga[r * K + k] = c * (s.ga[r * K + k] - da_t[k * R + r]);
+    for (long m = 0; m < M; ++m)
+        for (long r = 0; r < R; ++r) gb[m * R + r] = c * (s.gb[r * M + m] - db[m * R + r]);
+    if (gbias != NULL) memcpy(gbias, s.gbias, sizeof(float) * (size_t)M);
     free_all(start, off, d, block);
-    free(drop);
-    return status;
+    free(dp);
+    return 0;
 }
