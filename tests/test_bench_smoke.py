@@ -70,3 +70,32 @@ def test_thin_ops_table_runs(capsys):
         cells = row.strip("|").split("|")[2:]
         assert len(cells) == 4
         assert all(len(cell.split("/")) >= 2 for cell in cells)  # BLAS and at least AVX2
+
+
+def test_ratio_interval_keeps_rounds_paired(speed):
+    """Resampling takes the same rounds for both rows: a row at exactly twice another's
+    per-round ratio has the interval [2, 2] however noisy the rounds; unpaired resampling
+    would spread it."""
+    import random
+
+    rng = random.Random(1)
+    b = [rng.uniform(0.8, 1.6) for _ in range(9)]
+    a = [2.0 * x for x in b]
+    lo, hi = speed.ratio_interval(a, b)
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    # one row alone: the interval of its median lies within its range and holds the median
+    lo, hi = speed.ratio_interval(b)
+    assert min(b) <= lo <= sorted(b)[4] <= hi <= max(b)
+    assert lo < hi
+
+
+def test_summary_tells_resolved_misses_from_noise(speed):
+    checks = [
+        "[OK  ] a: x / limit = 1.050 [95% interval 1.010-1.090] (target <= 1.1)",
+        "[MISS] a: y / limit = 1.120 [95% interval 1.080-1.150] (target <= 1.1)",
+        "[MISS] a: z / limit = 1.300 [95% interval 1.260-1.350] (target <= 1.25)",
+        "[OK@min] a: w / limit = 1.270 (minima: 1.200) (target <= 1.25)",
+    ]
+    assert speed.summary(checks) == (
+        "2 of 4 targets met; 2 missed, 1 of them with the whole 95% interval above the bound"
+    )
