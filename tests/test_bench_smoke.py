@@ -94,8 +94,17 @@ def test_summary_tells_resolved_misses_from_noise(speed):
         "[OK  ] a: x / limit = 1.050 [95% interval 1.010-1.090] (target <= 1.1)",
         "[MISS] a: y / limit = 1.120 [95% interval 1.080-1.150] (target <= 1.1)",
         "[MISS] a: z / limit = 1.300 [95% interval 1.260-1.350] (target <= 1.25)",
-        "[OK@min] a: w / limit = 1.270 (minima: 1.200) (target <= 1.25)",
+        "[OK@min] a: w / limit = 1.270 (minima: 1.200) [95% interval 1.230-1.300] (target <= 1.25)",
     ]
     assert speed.summary(checks) == (
-        "2 of 4 targets met; 2 missed, 1 of them with the whole 95% interval above the bound"
+        "1 of 4 targets met; 3 missed (1 of them met by the minima), 1 of them with the whole "
+        "95% interval above the bound"
+    )
+    # met only by the minima, with the paired interval wholly above the bound: a resolved miss
+    checks = [
+        "[OK@min] a: v / PEFT = 0.962 (minima: 0.944) [95% interval 0.951-0.976] (target <= 0.95)"
+    ]
+    assert speed.summary(checks) == (
+        "0 of 1 targets met; 1 missed (1 of them met by the minima), 1 of them with the whole "
+        "95% interval above the bound"
     )
