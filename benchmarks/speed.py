@@ -241,6 +241,7 @@ class Config:
     build: Callable[[Family, nn.Module], nn.Module]
     compare: str | None = None  # the PEFT row with the same targets and rank
     tags: set[str] = field(default_factory=set)
+    gemm: str | None = None  # the adapted maps' dense products on this backend (default: auto)
 
 
 def configurations(fam: Family) -> list[Config]:
@@ -251,6 +252,14 @@ def configurations(fam: Family) -> list[Config]:
         Config("peft_lora_attn", f"PEFT LoRA r=8 {a}", _peft("attn"), tags={"quick"}),
         Config(
             "ta_lora_attn", f"tensadapt LoRA r=8 {a}", _lora("attn"), "peft_lora_attn", {"quick"}
+        ),
+        Config(
+            "ta_lora_attn_blas",
+            f"tensadapt LoRA r=8 {a}, products on BLAS",
+            _lora("attn"),
+            "peft_lora_attn",
+            tags={"quick"},
+            gemm="blas",
         ),
         *(
             [
@@ -317,6 +326,7 @@ class Runner:
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.inputs = fam.inputs(batch)
         self.labels = fam.labels(batch)
+        self.gemm = cfg.gemm
         # trainable parameters outside the classifier head: equal for a PEFT row and the
         # tensadapt row compared with it
         self.adapter_params = sum(
@@ -326,6 +336,12 @@ class Runner:
         )
 
     def step(self) -> float:
+        if self.gemm is not None:
+            with ta.gemm.use_backend(self.gemm):
+                return self._step()
+        return self._step()
+
+    def _step(self) -> float:
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         logits = logits_of(self.model(**self.inputs))
@@ -653,6 +669,13 @@ def targets_check(
 
     line("tensadapt LoRA attn / PEFT", ratio("ta_lora_attn", "peft_lora_attn"), 0.95)
     line("tensadapt LoRA all / PEFT", ratio("ta_lora_all", "peft_lora_all"), 0.95)
+    # not a target: the adapter's own cost, its dense products on BLAS as PEFT's are
+    value = ratio("ta_lora_attn_blas", "peft_lora_attn")
+    if value is not None:
+        out.append(
+            f"[info] {fam}: tensadapt LoRA attn, products on BLAS / PEFT = {value[0]:.3f} "
+            f"(minima: {value[1]:.3f}){interval_text(value[2])}"
+        )
     line("CaRA / limit", ratio("cara", "limit"), 1.10)
     line("CaRA / CaRA reference-style", ratio("cara", "cara_reference"), 0.5)
     # not a target: the engine's own materialise folds ΔW into W and sits near full fine-tuning
@@ -778,7 +801,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"# tensadapt speed benchmark: {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, torch {torch.__version__}, batch {args.batch}, "
         f"repeats {repeats} (interleaved), warm-up {args.warmup}; freed memory kept mapped: "
-        f"{kept}; load average {_loadavg()}"
+        f"{kept}; load average {_loadavg()}; adapted maps' products: {ta.gemm.status()}"
     )
     results: dict[str, Any] = {"args": vars(args), "families": {}}
     lines: list[str] = []

@@ -7,7 +7,7 @@ tensorisation (a list of modes: per-layer, ``qkv``, ``depth``, ``heads``, ``slic
 
 __version__ = "0.1.0"
 
-from . import presets
+from . import gemm, presets
 from .budget import count_parameters
 from .config import GroupConfig, TensorAdapterConfig
 from .contraction import clear_plan_cache, plan_cache_info
@@ -52,6 +52,7 @@ __all__ = [
     "apply_rank",
     "RankSolution",
     "presets",
+    "gemm",
     "register_factorization",
     "list_factorizations",
     "FactorizedTensor",

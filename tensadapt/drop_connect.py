@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import gemm, native
 from .low_rank import KEEP_BITS, keep_scale
 
 __all__ = ["draw_key", "threshold", "hashed_keep_mask", "DropConnectLinear"]
@@ -119,7 +119,7 @@ class DropConnectLinear(torch.autograd.Function):
             d = bm @ a
             d.mul_(hashed_keep_mask(tuple(w.shape), p, key, w.device))
             weight = d.mul_(c).add_(w)
-        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        out = gemm.linear(x, weight, bias)
         ctx.p, ctx.key, ctx.fast = p, key, fast
         ctx.save_for_backward(x, weight, a, bm)
         return out
@@ -130,7 +130,7 @@ class DropConnectLinear(torch.autograd.Function):
         need_x, _, need_bias, need_a, need_bm, _, _ = ctx.needs_input_grad
         gx = gbias = ga = gbm = None
         if need_x:
-            gx = gy @ weight
+            gx = gemm.times(gy, weight)
         p, key = ctx.p, ctx.key
         if (need_a or need_bm) and ctx.fast and sparse_ok(p) and native.usable(gy, x, rank=0):
             # m ⊙ G = G − (1 − m) ⊙ G: thin passes minus the dropped entries' share

@@ -16,9 +16,10 @@ the update costs as few passes over the big activations as possible:
   is narrower than ``x``, and the others run on BLAS.
 * **unfolded** (half precision, where ``W + B Ā`` would round the update away; input or rank
   dropout, where ``x' ≠ x`` or ``h`` is masked): the thin products come first, ``b + h Bᵀ``
-  and ``gh A``, and the big ones accumulate into them in place (``addmm_``): a big matmul
-  reads its output while it computes, where a thin one added afterwards would be one more
-  memory-bound pass over ``y`` or ``gx``.
+  and ``gh A``, and the big ones accumulate into them (``addmm_``, or oneDNN's matmul adding
+  them as it writes: :mod:`tensadapt.gemm`): a big matmul reads its output while it
+  computes, where a thin one added afterwards would be one more memory-bound pass over ``y``
+  or ``gx``.
 
 ``Ā`` is ``A`` itself, or, with ``k`` input chunks, ``A`` applied to each chunk of ``x``
 (block-diagonal: ``h`` then has ``k·R`` columns, chunk-major). An optional mix ``M``
@@ -32,7 +33,7 @@ import math
 
 import torch
 
-from . import native
+from . import gemm, native
 
 __all__ = [
     "LowRankLinear",
@@ -200,7 +201,7 @@ class LowRankLinear(torch.autograd.Function):
             weight = folded_weight(w, a, b_eff, k)
             if ctx.needs_input_grad[0]:
                 w_fold = weight  # W' kept for the input gradient: formed once a step
-            out = torch.addmm(b, x, weight.t()) if b is not None else x @ weight.t()
+            out = gemm.linear(x, weight, b)
             hb = h  # what the B gradient contracts gy with
         else:
             if p > 0.0:
@@ -209,8 +210,7 @@ class LowRankLinear(torch.autograd.Function):
             # the thin product first, then the big one accumulates into it: the big matmul
             # reads its output tile by tile while it computes, where a thin one added after
             # it would be one more memory-bound pass reading and writing y
-            out = thin_expand(hb, bm.t(), b)
-            out.addmm_(x, w.t())
+            out = gemm.times(x, w.t(), thin_expand(hb, bm.t(), b))
         if ctx.needs_input_grad[3] and not fused:
             # the bias gradient rides on the B gradient: gyᵀ [hb | 1] in one pass over gy
             hb = torch.cat([hb, hb.new_ones(n, 1)], dim=1)
@@ -229,7 +229,7 @@ class LowRankLinear(torch.autograd.Function):
         if ctx.fused:  # one read of x and gy for the factor and bias gradients
             gy = gy.contiguous()
             ((ga, gbm, gb),) = native.factor_grads(src, [gy], [a], [bm], biases=[need_b])
-            gx = gy @ w_fold if need_x else None
+            gx = gemm.times(gy, w_fold) if need_x else None
             grads = (gx, None, None, gb, ga if need_a else None, gbm if need_bm else None)
             return (*grads, None, None, None)[: len(ctx.needs_input_grad)]
         need_gh = need_xa or need_a or (need_x and not fold)
@@ -244,10 +244,10 @@ class LowRankLinear(torch.autograd.Function):
             if gg is None and need_gg and w.shape[0] >= w.shape[1]:
                 # gy is not the narrower side: gy [W' | B] gives both in one matmul; gx is
                 # copied out of the wider buffer (a strided gradient slows e.g. GELU backward)
-                both = gy @ torch.cat([w_fold, b_eff], dim=1)
+                both = gemm.times(gy, torch.cat([w_fold, b_eff], dim=1))
                 gx, gg = both[:, :d_in].contiguous(), both[:, d_in:]
             else:
-                gx = gy @ w_fold
+                gx = gemm.times(gy, w_fold)
         if need_gg and gg is None:
             # B transposed to (R, out) first: gy (N, out) times a thin (out, R) operand in
             # this orientation runs about twice as fast on CPU BLAS
@@ -260,7 +260,7 @@ class LowRankLinear(torch.autograd.Function):
                 gh = gh.reshape(n * k, -1)
             if need_x and not fold and not ctx.has_xa:
                 # gh A first, then gy W accumulates into it (as in the forward)
-                gx = thin_expand(gh, a).view(n, -1).addmm_(gy, w)
+                gx = gemm.times(gy, w, thin_expand(gh, a).view(n, -1))
             if need_xa:
                 gxa = thin_expand(gh, a).view(n, -1)
             if need_a:

@@ -228,16 +228,21 @@ def usable(*tensors: torch.Tensor, rank: int, expand: bool = False) -> bool:
     if _state == "off" or not available() or rank > max_rank(expand):
         return False
     for t in tensors:
-        if (
-            type(t) not in (torch.Tensor, torch.nn.Parameter)
-            or t.dtype != torch.float32
-            or t.device.type != "cpu"
-            or t.dim() != 2
-            or not t.is_contiguous()
-            or t.shape[0] < MIN_TOKENS
-        ):
+        if not plain_cpu_float32(t) or t.dim() != 2 or not t.is_contiguous():
+            return False
+        if t.shape[0] < MIN_TOKENS:
             return False
     return not _is_compiling()
+
+
+def plain_cpu_float32(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a float32 CPU tensor of torch's own class (not a subclass such as a
+    fake or functional tensor, whose data a foreign kernel cannot read)."""
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+    )
 
 
 def pack(p: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import gemm, native
 from .low_rank import folded_weight, token_product
 
 __all__ = ["SharedInputLowRank"]
@@ -60,8 +60,7 @@ class SharedInputLowRank(torch.autograd.Function):
         outs, w_folds = [], []
         for m in range(g):
             w_fold = folded_weight(ws[m], a_list[m], b_list[m], 1)
-            b = biases[m]
-            outs.append(torch.addmm(b, x, w_fold.t()) if b is not None else x @ w_fold.t())
+            outs.append(gemm.linear(x, w_fold, biases[m]))
             w_folds.append(w_fold)
         ctx.g, ctx.shared, ctx.rank, ctx.fused = g, shared, a_list[0].shape[0], fused
         ctx.save_for_backward(x, h, a_all, *w_folds, *b_list)
@@ -90,7 +89,7 @@ class SharedInputLowRank(torch.autograd.Function):
                 continue
             gy = gy.contiguous()
             if need_x:
-                gx = gy @ w_folds[m] if gx is None else gx.addmm_(gy, w_folds[m])
+                gx = gemm.times(gy, w_folds[m], gx)
             gh_m = grad = None
             if need_b[m] or need_bias[m]:
                 # a column slice of h has row stride g·R: copied (N × R), the native pass
@@ -145,7 +144,7 @@ def _fused_backward(
     gx = None
     if needs[0]:
         for m, gy in zip(live, gy_live):
-            gx = gy @ w_folds[m] if gx is None else gx.addmm_(gy, w_folds[m])
+            gx = gemm.times(gy, w_folds[m], gx)
     g_bias: list[torch.Tensor | None] = [None] * g
     g_a: list[torch.Tensor | None] = [None] * g
     g_b: list[torch.Tensor | None] = [None] * g
