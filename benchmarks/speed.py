@@ -280,6 +280,12 @@ def configurations(fam: Family) -> list[Config]:
             "cara", "CaRA R=8 (no dropout)", _preset("cara", rank=8, dropout=0.0), tags={"quick"}
         ),
         Config(
+            "cara_blas",
+            "CaRA R=8 (no dropout), products on BLAS",
+            _preset("cara", rank=8, dropout=0.0),
+            gemm="blas",
+        ),
+        Config(
             "cara_materialise",
             "CaRA R=8 forced materialise",
             _preset("cara", rank=8, dropout=0.0, strategy="materialise"),
@@ -669,13 +675,18 @@ def targets_check(
 
     line("tensadapt LoRA attn / PEFT", ratio("ta_lora_attn", "peft_lora_attn"), 0.95)
     line("tensadapt LoRA all / PEFT", ratio("ta_lora_all", "peft_lora_all"), 0.95)
-    # not a target: the adapter's own cost, its dense products on BLAS as PEFT's are
-    value = ratio("ta_lora_attn_blas", "peft_lora_attn")
-    if value is not None:
-        out.append(
-            f"[info] {fam}: tensadapt LoRA attn, products on BLAS / PEFT = {value[0]:.3f} "
-            f"(minima: {value[1]:.3f}){interval_text(value[2])}"
-        )
+    # not targets: the adapters' own cost, their dense products on BLAS as the limit's are
+    for name, a, b in (
+        ("tensadapt LoRA attn, products on BLAS / PEFT", "ta_lora_attn_blas", "peft_lora_attn"),
+        ("CaRA, products on BLAS / limit", "cara_blas", "limit"),
+        ("CaRA, products on BLAS / CaRA reference-style", "cara_blas", "cara_reference"),
+    ):
+        value = ratio(a, b)
+        if value is not None:
+            out.append(
+                f"[info] {fam}: {name} = {value[0]:.3f} (minima: {value[1]:.3f})"
+                f"{interval_text(value[2])}"
+            )
     line("CaRA / limit", ratio("cara", "limit"), 1.10)
     line("CaRA / CaRA reference-style", ratio("cara", "cara_reference"), 0.5)
     # not a target: the engine's own materialise folds ΔW into W and sits near full fine-tuning
