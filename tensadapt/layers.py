@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from . import gemm
 from .drop_connect import DropConnectLinear, draw_key
 from .errors import AdapterStateError
 from .low_rank import FOLD_DTYPES, LowRankLinear, merge_mix
@@ -216,7 +217,7 @@ class TensorAdapterLayer(nn.Module):
             if p.serial:
                 d = w.index_select(0, p._rows) @ d
             weight = p.add_weight_rows(weight, d, scale)
-        return torch.nn.functional.linear(x, weight, self._shared_bias())
+        return gemm.dense_linear(x, weight, self._shared_bias())
 
     def _low_rank_operands(
         self, n: int, factors: list[list[torch.Tensor]]

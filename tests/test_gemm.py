@@ -113,26 +113,33 @@ def _model(family: str) -> tuple[nn.Module, dict]:
 @pytest.mark.parametrize("family", ["timm_vit", "hf_bert"])
 @pytest.mark.parametrize(
     "preset",
-    [("lora", {"rank": 4, "targets": ["q", "k", "v", "o"]}), ("lora", {"rank": 4}), ("cara", {})],
-    ids=["lora_attn", "lora_all", "cara"],
+    [
+        ("lora", {"rank": 4, "targets": ["q", "k", "v", "o"]}),
+        ("lora", {"rank": 4}),
+        ("cara", {"rank": 4, "dropout": 0.0}),
+        ("cara", {"rank": 4, "dropout": 0.0, "strategy": "materialise"}),
+        ("cara", {"rank": 4}),
+        ("fact_tk", {"rank": 4}),
+    ],
+    ids=["lora_attn", "lora_all", "cara", "cara_materialise", "cara_dropconnect", "fact_tk"],
 )
 def test_training_step_agrees_across_backends(family: str, preset: tuple) -> None:
     """Outputs and every gradient agree between the two backends, and oneDNN runs only
     when chosen."""
     torch.manual_seed(0)
     name, kw = preset
-    if name == "cara":
-        kw = {"rank": 4, "dropout": 0.0}
     base, inputs = _model(family)
-    # eval: no dropout, so the two steps see the same function
-    model = ta.get_adapter_model(base.eval(), ta.presets.get(name, **kw))
+    # training mode, dropout included: each step is seeded alike, so both draw the same masks
+    model = ta.get_adapter_model(base.train(), ta.presets.get(name, **kw))
     for p in model.parameters():  # nonzero factors, so every update takes part
         if p.requires_grad:
             nn.init.normal_(p, std=0.1)
     results = {}
     for backend in ("blas", "onednn"):
         with gemm.use_backend(backend):
+            torch.manual_seed(1)
             ops = _ops(lambda: _step(model, inputs))
+            torch.manual_seed(1)
             results[backend] = _step(model, inputs)
         assert any("_linear_pointwise" in k for k in ops) == (backend == "onednn")
     (y0, g0), (y1, g1) = results["blas"], results["onednn"]
@@ -140,3 +147,36 @@ def test_training_step_agrees_across_backends(family: str, preset: tuple) -> Non
     assert g0.keys() == g1.keys() and g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_linear_matches_f_linear(name: str, bias: bool) -> None:
+    """Output and the gradients of x, W and b against ``F.linear`` in float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 40, 24, generator=g)
+    w = torch.randn(16, 24, generator=g)
+    b = torch.randn(16, generator=g) if bias else None
+    gy = torch.randn(3, 40, 16, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    with gemm.use_backend(name):
+        ops = _ops(lambda: gemm.dense_linear(*leaves).backward(gy))
+        got = gemm.dense_linear(*leaves)
+    assert any("_linear_pointwise" in k for k in ops) == (name == "onednn")
+    ref = [t.double().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    want = nn.functional.linear(*ref)
+    want.backward(gy.double())
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-4)
+    for leaf, r in zip(leaves, ref):
+        torch.testing.assert_close(leaf.grad.double(), r.grad, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_dense_linear_refuses_double_backward() -> None:
+    x = torch.randn(gemm.MIN_ROWS, 8, requires_grad=True)
+    w = torch.randn(4, 8, requires_grad=True)
+    with gemm.use_backend("onednn"):
+        y = gemm.dense_linear(x, w)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
+            gx.sum().backward()
