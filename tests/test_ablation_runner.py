@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import tensadapt.ablation.runner as runner_mod
-from tensadapt import cli
+from tensadapt import cli, gemm, native
 from tensadapt.ablation import append_record, expand_grid, parse_spec, read_results, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +74,8 @@ def test_study_records_and_report(tmp_path, counted):
     assert r["params"] == r["params_allocated"] > 0  # solved count == what was trained
     assert abs(r["params"] - 1500) <= 150 and r["budget"] == 1500
     assert set(r["versions"]) >= {"torch", "timm", "transformers", "tensadapt"}
+    assert r["versions"]["products"] == gemm.backend()
+    assert r["versions"]["native"] == (native.isa() or "off")
     assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 3
     head = next(x for x in rows if x["config_name"] == "head")
     assert head["params"] == 0 and head["adapter_config"] is None and head["budget"] is None

@@ -40,13 +40,17 @@ ERRORS_FILE = "errors.jsonl"
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries a result depends on."""
-    from .. import __version__
+    """Versions of the libraries a result depends on, and the kernels its products ran on:
+    ``products`` the adapted maps' dense products (:func:`tensadapt.gemm.backend`), ``native``
+    the thin passes' instruction set (:func:`tensadapt.native.isa`, ``"off"`` without them)."""
+    from .. import __version__, gemm, native
 
     out = {
         "tensadapt": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "products": gemm.backend(),
+        "native": native.isa() or "off",
     }
     for name in ("timm", "transformers", "numpy"):
         try:
