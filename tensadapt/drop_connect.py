@@ -28,6 +28,7 @@ import torch
 
 from . import gemm, native
 from .low_rank import KEEP_BITS, keep_scale
+from .precision import autocast_off
 
 __all__ = ["draw_key", "threshold", "hashed_keep_mask", "DropConnectLinear"]
 
@@ -109,6 +110,7 @@ class DropConnectLinear(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, w, bias, a, bm, p, key):  # noqa: D102
         a = a.contiguous()
         c = keep_scale(p)
@@ -125,6 +127,7 @@ class DropConnectLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, gy):  # noqa: D102
         x, weight, a, bm = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_bm, _, _ = ctx.needs_input_grad

@@ -34,6 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import native
+from .precision import autocast_off
 
 __all__ = [
     "BACKENDS",
@@ -175,12 +176,14 @@ class _DenseLinear(torch.autograd.Function):
     :func:`token_sum`."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, w, b):  # noqa: D102
         ctx.save_for_backward(x, w)
         return linear(x, w, b)
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, gy):  # noqa: D102
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad

@@ -18,6 +18,7 @@ from . import gemm
 from .drop_connect import DropConnectLinear, draw_key
 from .errors import AdapterStateError
 from .low_rank import FOLD_DTYPES, LowRankLinear, merge_mix
+from .precision import autocast_dtype, cast
 from .program import ContributionProgram
 from .step_cache import StepCache
 from .targets import is_conv1d
@@ -129,6 +130,9 @@ class TensorAdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.state.disabled:
             return self.base_layer(x, *args, **kwargs)
+        amp = autocast_dtype(x)
+        if amp is not None:
+            return self._forward_autocast(x, amp, *args, **kwargs)
         if not (args or kwargs):
             if self.siblings is not None:
                 fused = self.siblings.forward(self, x)
@@ -143,6 +147,24 @@ class TensorAdapterLayer(nn.Module):
                     fast = self._forward_folded(x, factors)
                 if fast is not None:
                     return fast
+        return self._forward_general(x, *args, **kwargs)
+
+    def _forward_autocast(self, x: torch.Tensor, dtype: torch.dtype, *args, **kwargs):
+        """The forward under autocast, whose matmuls run in ``dtype`` (:mod:`~tensadapt.precision`).
+
+        A low-rank call runs as one :class:`LowRankLinear` in ``dtype``: its operands are
+        formed in the factors' dtype with autocast off, then cast once, so the update is
+        added in the dtype of the base output and ``W + ΔW`` is never rounded to half
+        precision. Other calls (DropConnect, a materialised update, extra arguments) take
+        the general path: autocast runs the base map and the update, which is cast to the
+        base output's dtype before it is added."""
+        if not (args or kwargs) and not self.weight_out_in().requires_grad:
+            n = x.numel() // x.shape[-1]
+            factors = [p.lazy_operands() for p in self.programs]
+            with torch.autocast(x.device.type, enabled=False):
+                op = self._low_rank_operands(n, factors)
+                if op is not None:
+                    return self._run_low_rank(x, op, dtype)
         return self._forward_general(x, *args, **kwargs)
 
     def _factors_for(self, x: torch.Tensor) -> list[list[torch.Tensor]] | None:
@@ -242,7 +264,7 @@ class TensorAdapterLayer(nn.Module):
             else:
                 a, b = p.low_rank(f, self.state.step_cache)
             if p.serial:
-                b = w.index_select(0, p._rows) @ b
+                b = w.index_select(0, p._rows).to(b.dtype) @ b
             if p.scale != 1.0:  # a multiply by one would still be an autograd node
                 b = b * p.scale
             if not p.full:
@@ -268,7 +290,7 @@ class TensorAdapterLayer(nn.Module):
             p = self.programs[i]
             a, b = p.low_rank(factors[i], self.state.step_cache)
             if p.serial:
-                b = w.index_select(0, p._rows) @ b
+                b = w.index_select(0, p._rows).to(b.dtype) @ b
             if gap:
                 blocks.append(b.new_zeros(gap, 0))
             blocks.append(b if scale is not None else b * p.scale)
@@ -286,15 +308,24 @@ class TensorAdapterLayer(nn.Module):
         op = self._low_rank_operands(n, factors)
         if op is None:
             return None
+        return self._run_low_rank(x, op)
+
+    def _run_low_rank(
+        self, x: torch.Tensor, op: LowRankOperands, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """``op`` as one :class:`LowRankLinear` call, every operand cast to ``dtype`` first
+        when one is given (autocast's compute dtype)."""
         w = self.weight_out_in()
-        x2d = x.reshape(n, x.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        a, b, bias, mix, k = op.a, op.b, op.bias, op.mix, op.k
+        if dtype is not None:
+            x2d, w, a, b, bias, mix = (cast(t, dtype) for t in (x2d, w, a, b, bias, mix))
         xa = None
         if self.input_dropout is not None and self.input_dropout.training:
             xa = self.input_dropout(x2d)
-        a, mix, k = op.a, op.mix, op.k
         if mix is not None and xa is None and op.p == 0.0 and w.dtype in FOLD_DTYPES:
             a, mix, k = merge_mix(a, mix, k, tuple(w.shape))
-        out = LowRankLinear.apply(x2d, xa, w, op.bias, a, op.b, op.p, k, mix)
+        out = LowRankLinear.apply(x2d, xa, w, bias, a, b, op.p, k, mix)
         return out.view(*x.shape[:-1], w.shape[0])
 
     def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

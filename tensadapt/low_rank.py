@@ -34,6 +34,7 @@ import math
 import torch
 
 from . import gemm, native
+from .precision import autocast_off
 
 __all__ = [
     "LowRankLinear",
@@ -178,6 +179,7 @@ class LowRankLinear(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, xa, w, b, a, bm, p, k, mix=None):  # noqa: D102
         fold = xa is None and p == 0.0 and w.dtype in FOLD_DTYPES
         src = x if xa is None else xa
@@ -220,6 +222,7 @@ class LowRankLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, gy):  # noqa: D102
         src, w, a, bm, h, hb, mask, mix, w_fold = ctx.saved_tensors
         need_x, need_xa, _, need_b, need_a, need_bm, _, _, *rest = ctx.needs_input_grad

@@ -225,14 +225,17 @@ def usable(*tensors: torch.Tensor, rank: int, expand: bool = False) -> bool:
     :func:`rows_expand` when ``expand``), every tensor is a plain, contiguous float32 CPU
     matrix of at least :data:`MIN_TOKENS` rows, and the library is available (not while
     compiling a graph)."""
-    if _state == "off" or not available() or rank > max_rank(expand):
+    if _state == "off":
         return False
+    # the tensors first: a CUDA (or any non-CPU) tensor never starts the build
     for t in tensors:
         if not plain_cpu_float32(t) or t.dim() != 2 or not t.is_contiguous():
             return False
         if t.shape[0] < MIN_TOKENS:
             return False
-    return not _is_compiling()
+    if _is_compiling() or not available():
+        return False
+    return rank <= max_rank(expand)
 
 
 def plain_cpu_float32(t: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ import torch
 
 from . import gemm, native
 from .low_rank import folded_weight, token_product
+from .precision import autocast_off
 
 __all__ = ["SharedInputLowRank"]
 
@@ -37,6 +38,7 @@ class SharedInputLowRank(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, shared, *tensors):  # noqa: D102
         g = len(tensors) // 4
         ws, biases, a_list, b_list = (tensors[i * g : (i + 1) * g] for i in range(4))
@@ -67,6 +69,7 @@ class SharedInputLowRank(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, *gys):  # noqa: D102
         x, h, a_all, *rest = ctx.saved_tensors
         g, shared, r = ctx.g, ctx.shared, ctx.rank

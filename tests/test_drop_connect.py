@@ -100,6 +100,7 @@ def test_drop_factor_grads_split_rows_over_any_thread_count(threads):
     """The dropped entries' rows are split among the threads by entry count, the thin passes
     take the token chunks in turn: any thread count (more threads than chunks, ranges whose
     rows hold no drops) gives the dense oracle's gradients."""
+    needs_native_lib()
     gen = torch.Generator().manual_seed(threads)
     n, rows, cols, r, p = 100, 300, 41, 4, 0.02  # 4 chunks; many rows without a drop
     gy, x = torch.randn(n, rows, generator=gen), torch.randn(n, cols, generator=gen)

@@ -277,7 +277,10 @@ class FactorizedTensor(nn.Module):
         axis_dims = [i for i, l in enumerate(labels) if not l.startswith("~")]
         lead = axis_dims[0] if axis_dims else 0
         moved = t.movedim(lead, 0)
-        mat = torch.empty(moved.shape[0], max(1, moved[0].numel()), dtype=t.dtype, device=t.device)
+        # drawn in float32 at least, then cast: half-precision QR is missing on some devices,
+        # and the law of a half-precision factor is that of its float32 draw, rounded
+        work = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+        mat = torch.empty(moved.shape[0], max(1, moved[0].numel()), dtype=work, device=t.device)
         if method == "orthogonal":
             nn.init.orthogonal_(mat)
         elif method == "xavier_normal":
