@@ -27,9 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["HALF_DTYPES", "autocast_dtype", "autocast_off", "cast"]
-
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+__all__ = ["autocast_dtype", "autocast_off", "cast"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
