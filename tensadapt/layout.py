@@ -128,6 +128,7 @@ def _roles_by_group(
             raise TargetResolutionError(
                 f"group {gi}: targets {missing} match nothing in this model; roles found: "
                 f"{', '.join(r for r in ROLES if r in present) or 'none'}"
+                + _mlp_hint(group.targets, missing, present)
             )
         roles = tuple(r for r in group.roles if r in present)
         if not roles:
@@ -143,6 +144,21 @@ def _roles_by_group(
             owner[r] = gi
         out.append(roles)
     return out
+
+
+def _mlp_hint(targets: Sequence[str], missing: Sequence[str], present: set[str]) -> str:
+    """How to name this model's MLP when the config names the other MLP form."""
+    plain, gated = ("fc1", "fc2"), ("gate", "up", "down")
+    for asked, found in ((plain, gated), (gated, plain)):
+        if any(r in asked for r in missing) and any(r in present for r in found):
+            have = ", ".join(r for r in found if r in present)
+            valid = [r for r in targets if r not in asked] + ["mlp"]
+            return (
+                f". This model's MLP roles are {have}: name those (or the alias 'mlp') instead "
+                f"of {', '.join(r for r in asked if r in missing)}, e.g. targets={valid} "
+                "(a preset's targets override reaches each of its groups)"
+            )
+    return ""
 
 
 def _split_heads(
@@ -347,8 +363,26 @@ def _agree_sizes(gi: int, key: str, inst: list[_Geometry], group: GroupConfig) -
                 f"{key}, but their shapes differ ({ref.sizes} vs {g.sizes}). Only same-shaped "
                 "targets can share a tensor: drop 'qkv' (e.g. for grouped-query k/v), add "
                 "'slices' to cut non-square matrices into square ones, or use separate groups"
+                + _same_shape_hint(inst)
             )
     return dict(ref.sizes)
+
+
+def _same_shape_hint(inst: list[_Geometry]) -> str:
+    """The role sets of ``inst`` that do share a shape, as targets one could write."""
+    by_shape: dict[tuple, list[str]] = {}
+    for g in inst:
+        roles = by_shape.setdefault(tuple(sorted(g.sizes.items())), [])
+        if g.target.role not in roles:
+            roles.append(g.target.role)
+    if len(by_shape) < 2:
+        return ""
+    sets = [sorted(rs, key=ROLES.index) for rs in by_shape.values()]
+    return (
+        ". Roles of the same shape here: "
+        + " | ".join(map(str, sets))
+        + (f"; e.g. targets={max(sets, key=len)}")
+    )
 
 
 def _pieces(g: _Geometry) -> list[list[Piece]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import GROUP_FIELDS, TensorAdapterConfig
 from .errors import ConfigError, UnknownNameError
+from .roles import MLP_ROLES, ROLES, expand_roles
 
 __all__ = ["get", "list", "register_preset", "PRESETS", "TENSLORA_VARIANTS", "CARA_MODES"]
 
@@ -54,11 +55,51 @@ def get(name: str, **kwargs: Any) -> TensorAdapterConfig:
             )
         data.update(fields)
         if data.get("groups"):
-            # top-level overrides reach every group (a group's own settings are its defaults)
-            shared = {k: v for k, v in fields.items() if k in GROUP_FIELDS}
-            data["groups"] = [g | shared for g in data["groups"]]
+            # top-level overrides reach every group (a group's own settings are its defaults);
+            # ``targets`` is split: each group keeps the named roles it holds
+            shared = {k: v for k, v in fields.items() if k in GROUP_FIELDS and k != "targets"}
+            groups = [g | shared for g in data["groups"]]
+            if "targets" in fields:
+                groups = _split_targets(name, groups, fields["targets"])
+            data["groups"] = groups
         config = TensorAdapterConfig.from_dict(data)
     return config
+
+
+def _split_targets(
+    name: str, groups: builtins.list[dict[str, Any]], targets: Any
+) -> builtins.list[dict[str, Any]]:
+    """Restrict each group of a grouped preset to the ``targets`` it holds; drop empty groups.
+
+    A name (role or alias) goes whole to the group whose roles contain it (a group holding MLP
+    roles takes either MLP form, so ``"mlp"`` or ``gate``/``up``/``down`` reach CaRA's second
+    tensor); an alias that spans groups is cut into the roles each group holds. Raises if a name
+    belongs to no group.
+    """
+    names = [targets] if isinstance(targets, str) else builtins.list(targets)
+    # a group that holds the MLP holds it in either form (fc1/fc2 or gate/up/down)
+    held = [set(expand_roles(g["targets"])) for g in groups]
+    held = [h | set(MLP_ROLES) if h & set(MLP_ROLES) else h for h in held]
+    picked: builtins.list[builtins.list[str]] = [[] for _ in groups]
+    for target in names:
+        roles = set(expand_roles([target]))
+        whole = [i for i, h in enumerate(held) if roles <= h]
+        if whole:
+            picked[whole[0]].append(target)
+            continue
+        parts = [(i, [r for r in ROLES if r in roles & h]) for i, h in enumerate(held)]
+        parts = [(i, rs) for i, rs in parts if rs]
+        if not parts:
+            owners = "; ".join(
+                f"group {i}: {', '.join(g['targets'])}" for i, g in enumerate(groups)
+            )
+            raise ConfigError(
+                f"preset {name!r}: target {target!r} is in none of its groups ({owners}); "
+                "name roles those groups hold, or pass groups=[...] for other tensors"
+            )
+        for i, rs in parts:
+            picked[i] += rs
+    return [g | {"targets": t} for g, t in zip(groups, picked) if t]
 
 
 def _scale_fields(alpha: float | None, scale: float | None) -> dict[str, float | None]:

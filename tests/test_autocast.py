@@ -21,11 +21,31 @@ def _step(model, inputs, output, autocast: bool) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", ["timm_vit", "hf_bert"])
+#: what a LLaMA (gated MLP, grouped-query k/v) user writes: the MLP named by its alias, and only
+#: the d×d projections q and o stacked in one tensor (docs/methods.md, "On LLaMA-class models")
+LLAMA_OVERRIDES: dict[str, dict] = {
+    "cara": {"targets": ["q", "o", "mlp"]},
+    "fact_tk": {"targets": ["q", "o", "mlp"]},
+    "fact_tt": {"targets": ["q", "o", "mlp"]},
+    "lora": {},
+    "lorta": {"targets": ["q", "o"]},
+    "lotr": {"targets": ["q", "o"]},
+    "metatt": {"targets": ["q", "o"]},
+    "serial_lora": {},
+    "tenslora": {"targets": ["q", "o"]},
+}
+
+
+def test_every_preset_has_a_llama_override():
+    assert sorted(LLAMA_OVERRIDES) == ta.presets.list()
+
+
+@pytest.mark.parametrize("family", ["timm_vit", "hf_bert", "hf_llama_gqa"])
 @pytest.mark.parametrize("preset", ta.presets.list())
 def test_bf16_autocast_step_matches_float32(family, preset):
     base, inputs, output = make(family)
-    model = ta.get_adapter_model(base, ta.presets.get(preset, rank=4)).train()
+    overrides = LLAMA_OVERRIDES.get(preset, {}) if family == "hf_llama_gqa" else {}
+    model = ta.get_adapter_model(base, ta.presets.get(preset, rank=4, **overrides)).train()
     with torch.no_grad():  # every factor nonzero, so every gradient is informative
         for p in model.parameters():
             if p.requires_grad:

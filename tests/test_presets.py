@@ -305,10 +305,37 @@ def test_tenslora_on_hf_vit_and_bert(family):
 
 def test_presets_fail_clearly_where_the_structure_is_missing():
     llama, _, _ = make("hf_llama_gqa")
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
     with pytest.raises(TargetResolutionError, match=r"\['fc1', 'fc2'\] match nothing.*gate"):
         ta.get_adapter_model(llama, presets.get("cara"))
-    with pytest.raises(ModeError, match="grouped-query"):
+    with pytest.raises(
+        TargetResolutionError, match=r"gate, up, down.*targets=\['q', 'k', 'v', 'o', 'mlp'\]"
+    ):
+        ta.get_adapter_model(llama, presets.get("fact_tt"))
+    with pytest.raises(ModeError, match=r"grouped-query.*\['q'\] \| \['k', 'v'\]"):
         ta.get_adapter_model(llama, presets.get("tenslora", variant="qkv"))
+    with pytest.raises(ModeError, match=r"\['q', 'o'\] \| \['k', 'v'\]; e.g. targets"):
+        ta.get_adapter_model(llama, presets.get("lorta"))
+    assert llama.state_dict().keys() == before.keys()  # raised before the model was touched
+    assert all(torch.equal(v, before[k]) for k, v in llama.state_dict().items())
+    assert not any("tensor_adapters" in n for n, _ in llama.named_modules())
+
+
+def test_top_level_targets_are_split_across_a_presets_groups():
+    cfg = presets.get("cara", targets=["q", "o", "mlp"])
+    assert [g.targets for g in cfg.groups] == [["q"], ["o", "mlp"]]
+    cfg = presets.get("cara", targets=["attn", "gate", "up", "down"])
+    assert [g.targets for g in cfg.groups] == [["q", "k", "v"], ["o", "gate", "up", "down"]]
+    cfg = presets.get("cara", targets=["q", "v"])  # the MLP tensor is dropped
+    assert [g.targets for g in cfg.groups] == [["q", "v"]]
+    llama, inputs, out = make("hf_llama_gqa")
+    cfg = presets.get("cara", rank=2, targets=["q", "o", "mlp"])
+    roles = {(row.group, row.role) for row in ta.resolve_targets(llama, cfg).rows}
+    assert roles == {(0, "q"), (1, "o"), (1, "gate"), (1, "up"), (1, "down")}
+    model = ta.get_adapter_model(llama, cfg)
+    assert torch.isfinite(out(model(**inputs))).all()
+    with pytest.raises(ConfigError, match="'fc9'|unknown target role"):
+        presets.get("cara", targets=["q", "fc9"])
 
 
 def test_tenslora_interleaved_heads_layout():
