@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,18 @@ class TensorAdapterModel(nn.Module):
     # ------------------------------------------------------------------ forward & access
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    # HF ``Trainer`` finds the label columns in the *class's* forward signature (``find_labels``)
+    # and computes no eval loss without them; declare ``labels``, the name every HF task head
+    # uses. Each instance's forward carries the base model's exact signature.
+    forward.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+            inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
 
     def _expose_base_signature(self) -> None:
         """Make ``inspect.signature(model.forward)`` the base model's, as HF ``Trainer`` reads
