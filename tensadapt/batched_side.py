@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from .contraction import PLAN_CACHE, Symbols
+from .plan import Narrow, Select, SliceOp
 from .step_cache import StepCache
 
 __all__ = ["BatchedSide", "SharedSide", "plan_side"]
@@ -37,7 +38,7 @@ class BatchedSide:
         self,
         term_names: Sequence[str],
         full_labels: Sequence[tuple[str, ...]],
-        ops: Sequence[Sequence[tuple]],
+        ops: Sequence[Sequence[SliceOp]],
         sizes: dict[str, int],
         out_labels: Sequence[str],
         final_shape: tuple[int, ...] | None = None,
@@ -45,14 +46,14 @@ class BatchedSide:
         batch: dict[str, tuple[str, int, int, tuple[str, ...]]] = {}
         for term_ops in ops:
             for op in term_ops:
-                if op[0] == "select":
-                    spec = (op[0], op[2], 1, ())
-                elif op[0] == "narrow" and len(op[4]) == 1:
-                    spec = (op[0], op[2], op[3], tuple(op[4]))
+                if isinstance(op, Select):
+                    spec = ("select", op.index, 1, ())
+                elif isinstance(op, Narrow) and len(op.new) == 1:
+                    spec = ("narrow", op.start, op.length, op.new)
                 else:
-                    raise ValueError(f"op {op[0]!r} does not batch")
-                if batch.setdefault(op[1], spec) != spec:
-                    raise ValueError(f"label {op[1]!r} sliced two ways")
+                    raise ValueError(f"op {op!r} does not batch")
+                if batch.setdefault(op.label, spec) != spec:
+                    raise ValueError(f"label {op.label!r} sliced two ways")
         if not batch:
             raise ValueError("no sliced term")
         new_labels = [l for spec in batch.values() for l in spec[3]]
@@ -155,7 +156,7 @@ class SharedSide:
 def plan_side(
     term_names: Sequence[str],
     full_labels: Sequence[tuple[str, ...]],
-    ops: Sequence[Sequence[tuple]],
+    ops: Sequence[Sequence[SliceOp]],
     sizes: dict[str, int],
     out_labels: Sequence[str],
     final_shape: tuple[int, ...] | None = None,
@@ -170,9 +171,8 @@ def plan_side(
     flat = [op for term_ops in ops for op in term_ops]
     if not flat:
         return SharedSide(term_names, full_labels, out_labels, final_shape)
-    if len({op[1] for op in flat}) == 1 and all(op == flat[0] for op in flat):
-        op = flat[0]
-        if op[0] == "narrow" and len(op[4]) == 1:
-            window = (op[1], op[4][0], op[2], op[3])
-            return SharedSide(term_names, full_labels, out_labels, final_shape, window)
+    op = flat[0]
+    if all(o == op for o in flat) and isinstance(op, Narrow) and len(op.new) == 1:
+        window = (op.label, op.new[0], op.start, op.length)
+        return SharedSide(term_names, full_labels, out_labels, final_shape, window)
     raise ValueError("side neither splits into blocks nor is shared whole or by windows")

@@ -77,14 +77,15 @@ class PlanCache:
         key = (equation, shapes, dtype)
         found = self._plans.get(key)
         if found is not None:
-            self.hits += 1
+            if not torch.compiler.is_compiling():  # a counter read in a graph is a guard
+                self.hits += 1
             return found
         if torch.compiler.is_compiling():
             # planning is Python work torch.compile cannot trace: shapes first seen inside a
             # compiled region run as one einsum (torch plans it); eager calls plan and cache
             return _unplanned(equation, len(shapes))
         # no lock: a race only builds the same plan twice
-        found = _build_plan(equation, shapes)
+        found = build_plan(equation, shapes)
         self._plans[key] = found
         self.built += 1
         return found
@@ -112,7 +113,7 @@ def clear_plan_cache() -> None:
     PLAN_CACHE.clear()
 
 
-def _build_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> ContractionPlan:
+def build_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> ContractionPlan:
     optimize = "optimal" if len(shapes) <= 5 else "auto"
     _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
     steps = tuple((tuple(c[0]), c[2]) for c in info.contraction_list)

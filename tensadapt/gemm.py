@@ -132,12 +132,12 @@ def status() -> str:
 
 def _onednn(*tensors: torch.Tensor) -> bool:
     """Whether a product of these float32 CPU matrices goes to oneDNN."""
-    if backend() != "onednn" or not torch.backends.mkldnn.enabled:
+    if native._is_compiling() or backend() != "onednn" or not torch.backends.mkldnn.enabled:
         return False
     x = tensors[0]
     if x.dim() != 2 or x.shape[0] < MIN_ROWS or not x.is_contiguous():
         return False
-    return all(native.plain_cpu_float32(t) for t in tensors) and not native._is_compiling()
+    return all(native.plain_cpu_float32(t) for t in tensors)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

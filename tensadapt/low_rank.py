@@ -78,6 +78,9 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.T
     threshold = round(p * 2**KEEP_BITS)
     if threshold >= 2**KEEP_BITS:
         return torch.zeros(shape, dtype=torch.bool, device=device)
+    if torch.compiler.is_compiling():  # the same law, drawn out of place (traceable)
+        u = torch.randint(0, 2**KEEP_BITS, shape, dtype=torch.int32, device=device)
+        return u >= threshold
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None)  # every 64-bit pattern

@@ -49,12 +49,11 @@ class SiblingGroup:
     # ------------------------------------------------------------------ per call
     def forward(self, member: TensorAdapterLayer, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output from the fused map, or None to run it on its own."""
-        if self.verified is False or torch.is_inference_mode_enabled() or x.is_inference():
-            return None  # inference tensors keep no version counter to check reads against
-        cache = member.state.step_cache
-        scratch = cache.scratch()
-        if scratch is None:
+        scratch = member.state.step_cache.scratch()  # None while compiling: checked first
+        if scratch is None or self.verified is False:
             return None
+        if torch.is_inference_mode_enabled() or x.is_inference():
+            return None  # inference tensors keep no version counter to check reads against
         key = id(self)
         if self.verified is None:
             self._observe(scratch.setdefault((key, "seen"), {}), member, x)

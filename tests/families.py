@@ -94,3 +94,23 @@ def make(family: str, seed: int = 0):
         )
         return tf.GPT2Model(cfg).eval(), ids, lambda o: o.last_hidden_state
     raise ValueError(family)
+
+
+#: what a LLaMA (gated MLP, grouped-query k/v) user writes: the MLP named by its alias, and only
+#: the d×d projections q and o stacked in one tensor (docs/methods.md, "On LLaMA-class models")
+LLAMA_OVERRIDES: dict[str, dict] = {
+    "cara": {"targets": ["q", "o", "mlp"]},
+    "fact_tk": {"targets": ["q", "o", "mlp"]},
+    "fact_tt": {"targets": ["q", "o", "mlp"]},
+    "lora": {},
+    "lorta": {"targets": ["q", "o"]},
+    "lotr": {"targets": ["q", "o"]},
+    "metatt": {"targets": ["q", "o"]},
+    "serial_lora": {},
+    "tenslora": {"targets": ["q", "o"]},
+}
+
+
+def preset_overrides(family: str, preset: str) -> dict:
+    """The overrides a user of ``family`` writes for ``preset`` (none off LLaMA)."""
+    return LLAMA_OVERRIDES.get(preset, {}) if family == "hf_llama_gqa" else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import make
+from families import LLAMA_OVERRIDES, make
 
 import tensadapt as ta
 
@@ -19,21 +19,6 @@ def _step(model, inputs, output, autocast: bool) -> dict[str, torch.Tensor]:
         assert y.dtype == torch.bfloat16
     y.float().pow(2).mean().backward()
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
-#: what a LLaMA (gated MLP, grouped-query k/v) user writes: the MLP named by its alias, and only
-#: the d×d projections q and o stacked in one tensor (docs/methods.md, "On LLaMA-class models")
-LLAMA_OVERRIDES: dict[str, dict] = {
-    "cara": {"targets": ["q", "o", "mlp"]},
-    "fact_tk": {"targets": ["q", "o", "mlp"]},
-    "fact_tt": {"targets": ["q", "o", "mlp"]},
-    "lora": {},
-    "lorta": {"targets": ["q", "o"]},
-    "lotr": {"targets": ["q", "o"]},
-    "metatt": {"targets": ["q", "o"]},
-    "serial_lora": {},
-    "tenslora": {"targets": ["q", "o"]},
-}
 
 
 def test_every_preset_has_a_llama_override():

@@ -193,7 +193,7 @@ def test_shared_blocks_reach_modules_without_view_ops(monkeypatch):
     shared: dict[tuple, set[int]] = {}
     keys = set()
     for p, a, b in seen:
-        tensor_id = id(p.__dict__["tensor"])
+        tensor_id = id(p.tensor)
         for name, m in (("a", a), ("b", b)):
             plan = p._batched.get(name)
             if isinstance(plan, BatchedSide):
@@ -204,7 +204,7 @@ def test_shared_blocks_reach_modules_without_view_ops(monkeypatch):
                 shared.setdefault((tensor_id, plan.key), set()).add(id(m))
             elif isinstance(plan, SharedSide):
                 kinds["window"] += 1
-            elif p._sides[name][2] is not None and not p._ops[p._sides[name][1][0]]:
+            elif p._sides[name].view is not None and not p.terms[p._sides[name].terms[0]].ops:
                 shared.setdefault((tensor_id, name, "view"), set()).add(id(m))
                 assert m.is_contiguous()
             if plan is not None:
