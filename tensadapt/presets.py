@@ -28,6 +28,7 @@ __all__ = [
     "register_preset",
     "PRESETS",
     "REFERENCE_FIELDS",
+    "FACT_TT_CORE_GAINS",
     "TENSLORA_VARIANTS",
     "CARA_MODES",
 ]
