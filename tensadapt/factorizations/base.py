@@ -37,7 +37,16 @@ __all__ = [
 Rank = int | Mapping[str, int] | Sequence[int]
 Term = tuple[str, tuple[str, ...]]
 
-INIT_METHODS = ("zeros", "ones", "normal", "orthogonal", "xavier_normal", "kaiming_uniform")
+INIT_METHODS = (
+    "zeros",
+    "ones",
+    "normal",
+    "orthogonal",
+    "xavier_normal",
+    "xavier_uniform",
+    "kaiming_uniform",
+    "uniform_rank",
+)
 
 
 @dataclass
@@ -48,6 +57,25 @@ class InitSpec:
     holding that axis); ``method``: the default for the other terms; ``methods``: per
     parameter or axis overrides; ``std``: for ``normal``; ``weights``: CP weights
     (``"ones"`` or ``"normal"`` with ``weights_mean``/``weights_std``).
+
+    The methods, for a term ``t`` of a tensor axis of size ``n`` and rank labels:
+
+    * ``orthogonal``, ``xavier_normal``, ``kaiming_uniform``: on the ``(n, rest)`` matrix
+      view of ``t`` (``kaiming_uniform`` is ``U(±1/√n)``, LoRA's A as PEFT draws it);
+    * ``xavier_uniform``: ``U(±√(6 / (fan_in + fan_out)))`` with torch's fans of ``t`` in
+      its stored shape (``fan_in = t.shape[1]·Π t.shape[2:]``, ``fan_out = t.shape[0]·Π
+      t.shape[2:]``), i.e. ``torch.nn.init.xavier_uniform_(t)``;
+    * ``uniform_rank``: ``U(±g / √R)`` with ``R`` the size of the term's first rank label
+      (the rank the term reads from) and ``g`` its gain in ``gains`` (default 1): for an
+      ``(n, R)`` factor, ``g = 1`` is ``kaiming_uniform_(a=√5)`` and ``g = √6`` is
+      ``kaiming_uniform_(a=0)`` as torch computes them.
+
+    ``gains``: per parameter or axis, a number, or a list repeated along the term's tensor
+    axis (coordinate ``i`` uses ``gains[i mod len]``; a fused block-major axis such as
+    ``depth*qkv*slices`` has one period per block). ``seed``: when set, the tensor is drawn
+    from a generator seeded with it, so every tensor with the same spec gets the same draws
+    (the identical per-tensor seeding of some reference code); the global generator's state
+    is left as it was.
     """
 
     zero: str | None = None
@@ -57,6 +85,8 @@ class InitSpec:
     weights: str = "ones"
     weights_mean: float = 1.0
     weights_std: float = 0.0
+    gains: dict[str, float | list[float]] = field(default_factory=dict)
+    seed: int | None = None
 
     @classmethod
     def parse(cls, spec: str | Mapping[str, Any] | InitSpec | None) -> InitSpec:
@@ -81,6 +111,17 @@ class InitSpec:
                 raise ConfigError(
                     f"unknown init method {method!r}; valid: {', '.join(INIT_METHODS)}"
                 )
+        for key, gain in out.gains.items():
+            values = gain if isinstance(gain, (list, tuple)) else [gain]
+            if not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values
+            ):
+                raise ConfigError(
+                    f"init gains[{key!r}] must be a number ≥ 0 or a non-empty list of them, "
+                    f"got {gain!r}"
+                )
+        if out.seed is not None and (isinstance(out.seed, bool) or not isinstance(out.seed, int)):
+            raise ConfigError(f"init seed must be an int or None, got {out.seed!r}")
         if out.weights not in ("ones", "normal"):
             raise ConfigError(f"init weights must be 'ones' or 'normal', got {out.weights!r}")
         return out
@@ -244,6 +285,18 @@ class FactorizedTensor(nn.Module):
         spec = self.init_spec
         if any(t.is_meta for _, t in self.named_parameters()):
             return
+        if spec.seed is None:
+            self._draw_terms()
+            return
+        device = next(iter(self.parameters())).device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(spec.seed)
+            self._draw_terms()
+
+    def _draw_terms(self) -> None:
+        """Draw every term from the current random state (see :meth:`reset_parameters`)."""
+        spec = self.init_spec
         for name, labels in self._terms:
             tensor = getattr(self, name)
             method = spec.methods.get(name)
@@ -273,13 +326,22 @@ class FactorizedTensor(nn.Module):
         if method == "normal":
             t.normal_(0.0, spec.std)
             return
+        work = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+        if method == "xavier_uniform":
+            shape = t.shape if t.dim() >= 2 else (1, t.numel())
+            mat = torch.empty(shape, dtype=work, device=t.device)
+            nn.init.xavier_uniform_(mat)
+            t.copy_(mat.reshape(t.shape))
+            return
+        if method == "uniform_rank":
+            self._uniform_rank(t, labels, name, work)
+            return
         # matrix-shaped methods act on a (axis, everything else) view
         axis_dims = [i for i, l in enumerate(labels) if not l.startswith("~")]
         lead = axis_dims[0] if axis_dims else 0
         moved = t.movedim(lead, 0)
         # drawn in float32 at least, then cast: half-precision QR is missing on some devices,
         # and the law of a half-precision factor is that of its float32 draw, rounded
-        work = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
         mat = torch.empty(moved.shape[0], max(1, moved[0].numel()), dtype=work, device=t.device)
         if method == "orthogonal":
             nn.init.orthogonal_(mat)
@@ -291,6 +353,41 @@ class FactorizedTensor(nn.Module):
         else:  # pragma: no cover - InitSpec.parse validates
             raise ConfigError(f"unknown init method {method!r}")
         moved.copy_(mat.reshape(moved.shape))
+
+    def _uniform_rank(
+        self, t: torch.Tensor, labels: tuple[str, ...], name: str, work: torch.dtype
+    ) -> None:
+        """``t ~ U(±g_i / √R)``: ``R`` the size of the first rank label, ``g_i`` the gain of
+        coordinate ``i`` of the term's tensor axis (``gains``, repeated along the axis)."""
+        ranks = [i for i, l in enumerate(labels) if l.startswith("~")]
+        if not ranks:
+            raise ConfigError(
+                f"init method 'uniform_rank' needs a rank label on term {name!r} of this "
+                f"{self.name} tensor (its labels are {list(labels)})"
+            )
+        fan = t.shape[ranks[0]]
+        axes = [i for i, l in enumerate(labels) if not l.startswith("~")]
+        gains = self.init_spec.gains
+        gain = gains.get(name)
+        if gain is None and axes:
+            gain = gains.get(labels[axes[0]])
+        gain = 1.0 if gain is None else gain
+        draw = torch.empty(t.shape, dtype=work, device=t.device).uniform_(-1.0, 1.0)
+        if isinstance(gain, (list, tuple)):
+            if not axes:
+                raise ConfigError(
+                    f"init gains for term {name!r} is a list, but the term has no tensor axis "
+                    "to repeat it along"
+                )
+            dim = axes[0]
+            n = t.shape[dim]
+            per = torch.tensor([gain[i % len(gain)] for i in range(n)], dtype=work)
+            shape = [1] * t.dim()
+            shape[dim] = n
+            draw.mul_(per.to(t.device).reshape(shape))
+        else:
+            draw.mul_(float(gain))
+        t.copy_(draw.mul_(1.0 / math.sqrt(fan)))
 
     def reconstruct(self) -> torch.Tensor:
         """The dense tensor ``T`` (axes in :attr:`axes` order)."""
