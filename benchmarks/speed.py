@@ -19,7 +19,23 @@ ratio comes with a 95 % percentile-bootstrap interval over the rounds (``ratio_i
 a reader can tell a miss the run resolves from one inside the host's noise. Minor page faults
 per step are counted.
 
-Peak memory is the RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
+**limit_same** is the limit with every frozen linear of the backbone run through the products
+the adapted maps run (:func:`tensadapt.gemm.dense_linear`: oneDNN where the CPU has AVX-512 and
+``TENSADAPT_GEMM`` allows it, ``F.linear`` otherwise; the same dtype and device): the
+like-for-like limit, against which the targets are checked; ratios to the plain limit are
+reported beside them. Both limits are rows of the same interleaved run.
+
+After the warm-up, each row runs one untimed step under a ``TorchDispatchMode`` that counts
+the aten ops dispatched (on a GPU about one kernel launch each) and one under
+``sys.setprofile`` counting Python function calls (``'call'`` events), with autograd's
+backward on the calling thread. They are counts, not timings, and depend only on the code.
+
+``--device cuda`` runs everything on the GPU (timed between ``torch.cuda.synchronize()`` calls;
+peak memory from ``torch.cuda.max_memory_allocated``); ``--precision bf16`` runs forward and
+loss under ``torch.autocast`` in bfloat16. The targets follow the kernels in use: the
+PyTorch path's (``TENSADAPT_NATIVE=0 TENSADAPT_GEMM=blas``, and any GPU) or the CPU kernels'.
+
+Peak memory (CPU) is the RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
 minus the RSS after building the model, over a few training steps, measured in a separate
 process per configuration (``--quick``: one process per backbone, freed memory returned with
 ``malloc_trim`` between configurations). tracemalloc cannot see torch's CPU allocations.
@@ -52,8 +68,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import tensadapt as ta  # noqa: E402
+from tensadapt import native  # noqa: E402
+from tensadapt.precision import autocast_dtype, cast  # noqa: E402
 
 # ---------------------------------------------------------------------------- backbones
 
@@ -230,6 +249,34 @@ def _limit(fam: Family, base: nn.Module) -> nn.Module:
     return base
 
 
+def _same_products(lin: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``lin``'s forward through the products an adapted map runs: ``x Wᵀ + b`` by
+    :func:`tensadapt.gemm.dense_linear` (oneDNN where the adapters' products go there, else
+    ``F.linear``), in autocast's dtype where autocast is on, as the engine casts its
+    operands before its own products."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w, b = lin.weight, lin.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            x, w, b = cast(x, dtype), cast(w, dtype), cast(b, dtype)
+        return ta.gemm.dense_linear(x, w, b)
+
+    return forward
+
+
+def _limit_same_products(fam: Family, base: nn.Module) -> nn.Module:
+    """The limit with every frozen linear of the backbone (not the trainable head) on the
+    adapters' products: the same backend, dtype and device as theirs, so a ratio to it
+    measures the adapter and not a change of matmul library."""
+    model = _limit(fam, base)
+    head = fam.head
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name != head and not name.startswith(head + "."):
+            mod.forward = _same_products(mod)
+    return model
+
+
 def _full(fam: Family, base: nn.Module) -> nn.Module:
     return base
 
@@ -248,6 +295,12 @@ def configurations(fam: Family) -> list[Config]:
     a = fam.attn_label
     return [
         Config("limit", "limit: frozen backbone, grads flow", _limit, tags={"quick"}),
+        Config(
+            "limit_same",
+            "limit on the adapters' products (like for like)",
+            _limit_same_products,
+            tags={"quick"},
+        ),
         Config("full", "full fine-tuning", _full),
         Config("peft_lora_attn", f"PEFT LoRA r=8 {a}", _peft("attn"), tags={"quick"}),
         Config(
@@ -323,16 +376,26 @@ def logits_of(out: Any) -> torch.Tensor:
 class Runner:
     """A model, its optimizer and fixed inputs; ``step()`` runs one training step."""
 
-    def __init__(self, fam: Family, cfg: Config, batch: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        fam: Family,
+        cfg: Config,
+        batch: int,
+        seed: int = 0,
+        device: str = "cpu",
+        precision: str = "fp32",
+    ) -> None:
         torch.manual_seed(seed)
-        base = fam.build()
+        self.device = torch.device(device)
+        base = fam.build().to(self.device)
         self.model = cfg.build(fam, base)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
-        self.inputs = fam.inputs(batch)
-        self.labels = fam.labels(batch)
+        self.inputs = {k: v.to(self.device) for k, v in fam.inputs(batch).items()}
+        self.labels = fam.labels(batch).to(self.device)
         self.gemm = cfg.gemm
+        self.amp = PRECISIONS[precision]
         # trainable parameters outside the classifier head: equal for a PEFT row and the
         # tensadapt row compared with it
         self.adapter_params = sum(
@@ -348,13 +411,66 @@ class Runner:
         return self._step()
 
     def _step(self) -> float:
+        sync(self.device)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        logits = logits_of(self.model(**self.inputs))
-        loss = nn.functional.cross_entropy(logits, self.labels)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = logits_of(self.model(**self.inputs))
+            loss = nn.functional.cross_entropy(logits.float(), self.labels)
         loss.backward()
         self.opt.step()
+        sync(self.device)
         return time.perf_counter() - t0
+
+    def counts(self) -> dict[str, int]:
+        """One untimed step under a dispatch counter, one under a profile hook: the aten ops
+        it dispatches and the Python functions it calls (backward on this thread)."""
+        with torch.autograd.set_multithreading_enabled(False):
+            with AtenOps() as ops:
+                self.step()
+            calls = python_calls(self.step)
+        return {"aten_ops": ops.count, "python_calls": calls}
+
+
+#: ``--precision``: the autocast dtype of the step (None: autocast off)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a wall-clock interval
+    holds the work it timed."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts the aten ops dispatched while active: on a GPU, about one kernel launch each
+    (views and metadata ops included, as the dispatcher sees them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def python_calls(fn: Callable[[], Any]) -> int:
+    """The Python function calls (``'call'`` profile events) that ``fn()`` makes."""
+    n = 0
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        nonlocal n
+        if event == "call":
+            n += 1
+
+    sys.setprofile(hook)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n
 
 
 def bracketed_ratio(t: float, t_before: float, t_after: float) -> float:
@@ -363,9 +479,15 @@ def bracketed_ratio(t: float, t_before: float, t_after: float) -> float:
 
 
 def time_configs(
-    fam: Family, configs: list[Config], batch: int, warmup: int, repeats: int
+    fam: Family,
+    configs: list[Config],
+    batch: int,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, dict[str, Any]]:
-    runners = {c.key: Runner(fam, c, batch) for c in configs}
+    runners = {c.key: Runner(fam, c, batch, device=device, precision=precision) for c in configs}
     plans: dict[str, dict[str, int]] = {}
     for key, r in runners.items():
         before = ta.plan_cache_info()
@@ -378,6 +500,7 @@ def time_configs(
             "first_step_built": first["built"] - before["built"],
             "warmup_built": after["built"] - first["built"],
         }
+    counts = {key: r.counts() for key, r in runners.items()}  # untimed, after the warm-up
     times: dict[str, list[float]] = {k: [] for k in runners}
     faults: dict[str, list[int]] = {k: [] for k in runners}
     ratios: dict[str, list[float]] = {k: [] for k in runners}
@@ -420,6 +543,7 @@ def time_configs(
             "plans": plans[k],
             "adapter_params": runners[k].adapter_params,
             "faults": statistics.median(faults[k]),
+            **counts[k],
         }
         for k, v in times.items()
     }
@@ -485,15 +609,24 @@ def memory_child(args: argparse.Namespace) -> None:
     fam = families(args.tiny, args.seq)[args.family]
     by_key = {c.key: c for c in configurations(fam)}
     out = {}
+    cuda = args.device == "cuda"
     for key in args.keys:
         _trim()
-        runner = Runner(fam, by_key[key], args.batch)
+        runner = Runner(fam, by_key[key], args.batch, device=args.device, precision=args.precision)
         _trim()
-        base = _rss_kb()
-        _reset_peak()
+        if cuda:  # the caching allocator's own statistics: the peak of live tensors
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = _rss_kb()
+            _reset_peak()
         for _ in range(args.mem_steps):
             runner.step()
-        out[key] = max(0, _peak_kb() - base) / 1024
+        if cuda:
+            out[key] = max(0, torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            out[key] = max(0, _peak_kb() - base) / 1024
         del runner
     print("MEMORY " + json.dumps(out))
 
@@ -517,6 +650,10 @@ def measure_memory(
             str(args.threads),
             "--mem-steps",
             str(args.mem_steps),
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
             *(["--tiny"] if args.tiny else []),
             "--keys",
             *group,
@@ -533,10 +670,17 @@ def measure_memory(
 
 
 def merged_inference(
-    fam: Family, batch: int, repeats: int, configs: list[Config]
+    fam: Family,
+    batch: int,
+    repeats: int,
+    configs: list[Config],
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    base = fam.build().eval()
+    dev = torch.device(device)
+    amp = PRECISIONS[precision]
+    base = fam.build().to(dev).eval()
     models = {"base": base}
     for cfg in configs:
         am = cfg.build(fam, copy.deepcopy(base))
@@ -544,17 +688,22 @@ def merged_inference(
             for p in am.tensor_adapters.parameters():
                 p.normal_(0, 0.01)
         models[cfg.key] = am.merge_and_unload().eval()
-    inputs = fam.inputs(batch)
+    inputs = {k: v.to(dev) for k, v in fam.inputs(batch).items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     ratios: dict[str, list[float]] = {k: [] for k in models}
 
     def timed(key: str) -> float:
+        sync(dev)
         t0 = time.perf_counter()
         models[key](**inputs)
+        sync(dev)
         times[key].append(time.perf_counter() - t0)
         return times[key][-1]
 
-    with torch.inference_mode():
+    with (
+        torch.inference_mode(),
+        torch.autocast(dev.type, dtype=amp, enabled=amp is not None),
+    ):
         for m in models.values():
             m(**inputs)
         t_before = timed("base")
@@ -589,23 +738,38 @@ def report_family(
     merged: dict[str, dict[str, float]] | None,
 ) -> list[str]:
     lines = [f"### {fam.name}", ""]
+    same = "limit_same" if "limit_same" in timing else None
     head = "| config | params | median s | min-max s | × limit (paired) | 95% interval |"
-    head += " × limit (minima) | × PEFT | peak MB | plans 1st/after | faults/step |"
-    lines += [head, "|" + "---|" * 11]
+    head += " × like-for-like limit | 95% interval | × limit (minima) | × PEFT | aten ops/step |"
+    head += " Python calls/step | peak MB | plans 1st/after | faults/step |"
+    lines += [head, "|" + "---|" * 15]
     low = timing["limit"]["min"]
     for c in configs:
         t = timing[c.key]
-        vs_peft = ""
+        vs_peft = ops_peft = calls_peft = ""
         if c.compare in timing:
-            vs_peft = f"{t['paired'] / timing[c.compare]['paired']:.3f}"
+            peft = timing[c.compare]
+            vs_peft = f"{t['paired'] / peft['paired']:.3f}"
+            ops_peft = f" ({t['aten_ops'] / peft['aten_ops']:.2f}× PEFT)"
+            calls_peft = f" ({t['python_calls'] / peft['python_calls']:.2f}× PEFT)"
         mem = f"{memory[c.key]:.0f}" if memory and c.key in memory else ""
         p = t["plans"]
         ci = ratio_interval(t["ratios"]) if c.key != "limit" and t["ratios"] else None
         ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+        vs_same = same_ci = ""
+        if same is not None and c.key != same:
+            vs_same = f"{t['paired'] / timing[same]['paired']:.3f}"
+            rb = timing[same]["ratios"]
+            ra = t["ratios"] if c.key != "limit" else [1.0] * len(rb)
+            if ra and len(ra) == len(rb):
+                lo, hi = ratio_interval(ra, rb)
+                same_ci = f"{lo:.3f}-{hi:.3f}"
         lines.append(
             f"| {c.label} | {t['adapter_params']:,} | {t['median']:.3f} | "
             f"{t['min']:.3f}-{t['max']:.3f} | {t['paired']:.3f} | {ci_text} | "
-            f"{t['min'] / low:.3f} | {vs_peft} | {mem} | "
+            f"{vs_same} | {same_ci} | "
+            f"{t['min'] / low:.3f} | {vs_peft} | {t['aten_ops']:,}{ops_peft} | "
+            f"{t['python_calls']:,}{calls_peft} | {mem} | "
             f"{p['first_step_built']}/{p['warmup_built'] + p.get('timed_built', 0)} | "
             f"{t['faults']:.0f} |"
         )
@@ -648,12 +812,49 @@ def ratio_interval(
     return stats[int(tail * (draws - 1))], stats[int(round((1.0 - tail) * (draws - 1)))]
 
 
-def targets_check(
-    timing: dict[str, dict[str, Any]], memory: dict[str, float] | None, fam: str
-) -> list[str]:
-    out = []
+#: the targets, by the kernels the adapters run on: ``"pytorch"`` (``TENSADAPT_NATIVE=0``,
+#: products on BLAS: the path a GPU runs) or ``"kernels"`` (the CPU-native passes and oneDNN)
+BOUNDS: dict[str, dict[str, float]] = {
+    "pytorch": {"lora_peft": 1.0, "cara": 1.25, "preset": 1.35},
+    "kernels": {"lora_peft": 0.95, "cara": 1.10, "preset": 1.25},
+}
+PRESET_ROWS = [
+    "ta_lora_attn",
+    "ta_lora_slices",
+    "cara",
+    "cara_preset",
+    "tenslora",
+    "fact_tk",
+    "fact_tt",
+    "lotr",
+    "lorta",
+    "metatt",
+    "serial_lora",
+]
 
-    def ratio(a: str, b: str) -> tuple[float, float, tuple[float, float]] | None:
+
+def kernel_path(device: str) -> str:
+    """``"kernels"`` where this process's adapters use the CPU-native passes or oneDNN's
+    products, else ``"pytorch"``."""
+    if device != "cpu":
+        return "pytorch"
+    return "kernels" if native.available() or ta.gemm.backend() == "onednn" else "pytorch"
+
+
+def targets_check(
+    timing: dict[str, dict[str, Any]],
+    memory: dict[str, float] | None,
+    fam: str,
+    path: str = "kernels",
+) -> list[str]:
+    """The targets of ``BOUNDS[path]``: step times against the like-for-like limit
+    (``limit_same``; the plain limit where it is absent) and PEFT, aten ops per step against
+    PEFT's and LoRA's; ratios against the plain limit as ``[info]`` lines."""
+    out = []
+    bounds = BOUNDS[path]
+    limit = "limit_same" if "limit_same" in timing else "limit"
+
+    def ratio(a: str, b: str) -> tuple[float, float, tuple[float, float] | None] | None:
         """(ratio of the paired medians, ratio of minima, 95 % interval of the first): each
         step is paired with the limit steps around it; the minimum is the least disturbed
         repeat."""
@@ -673,42 +874,45 @@ def targets_check(
         shown = f"{med:.3f}" if med == low else f"{med:.3f} (minima: {low:.3f})"
         out.append(f"[{ok}] {fam}: {name} = {shown}{interval_text(ci)} (target <= {bound})")
 
-    line("tensadapt LoRA attn / PEFT", ratio("ta_lora_attn", "peft_lora_attn"), 0.95)
-    line("tensadapt LoRA all / PEFT", ratio("ta_lora_all", "peft_lora_all"), 0.95)
+    def info(name: str, value: tuple | None) -> None:
+        if value is not None:
+            out.append(
+                f"[info] {fam}: {name} = {value[0]:.3f} (minima: {value[1]:.3f})"
+                f"{interval_text(value[2])}"
+            )
+
+    def ops(name: str, a: str, b: str, bound: float) -> None:
+        if a in timing and b in timing:
+            n_a, n_b = timing[a]["aten_ops"], timing[b]["aten_ops"]
+            value = n_a / n_b
+            ok = "OK  " if value <= bound else "MISS"
+            out.append(
+                f"[{ok}] {fam}: aten ops/step {name} = {n_a} / {n_b} = {value:.3f} "
+                f"(target <= {bound}, a count)"
+            )
+
+    out.append(f"[info] {fam}: targets for the {path} path, against '{limit}'")
+    line("tensadapt LoRA attn / PEFT", ratio("ta_lora_attn", "peft_lora_attn"), bounds["lora_peft"])
+    line("tensadapt LoRA all / PEFT", ratio("ta_lora_all", "peft_lora_all"), bounds["lora_peft"])
+    ops("tensadapt LoRA attn / PEFT", "ta_lora_attn", "peft_lora_attn", 1.1)
+    ops("tensadapt LoRA all / PEFT", "ta_lora_all", "peft_lora_all", 1.1)
+    ops("CaRA preset / tensadapt LoRA all", "cara_preset", "ta_lora_all", 2.0)
+    info("like-for-like limit / limit", ratio("limit_same", "limit"))
     # not targets: the adapters' own cost, their dense products on BLAS as the limit's are
     for name, a, b in (
         ("tensadapt LoRA attn, products on BLAS / PEFT", "ta_lora_attn_blas", "peft_lora_attn"),
         ("CaRA, products on BLAS / limit", "cara_blas", "limit"),
         ("CaRA, products on BLAS / CaRA reference-style", "cara_blas", "cara_reference"),
     ):
-        value = ratio(a, b)
-        if value is not None:
-            out.append(
-                f"[info] {fam}: {name} = {value[0]:.3f} (minima: {value[1]:.3f})"
-                f"{interval_text(value[2])}"
-            )
-    line("CaRA / limit", ratio("cara", "limit"), 1.10)
+        info(name, ratio(a, b))
+    line(f"CaRA / {limit}", ratio("cara", limit), bounds["cara"])
     line("CaRA / CaRA reference-style", ratio("cara", "cara_reference"), 0.5)
     # not a target: the engine's own materialise folds ΔW into W and sits near full fine-tuning
-    value = ratio("cara", "cara_materialise")
-    if value is not None:
-        out.append(
-            f"[info] {fam}: CaRA / CaRA materialise (folded) = {value[0]:.3f} "
-            f"(minima: {value[1]:.3f})"
-        )
-    presets = [
-        "ta_lora_attn",
-        "ta_lora_slices",
-        "cara",
-        "cara_preset",
-        "tenslora",
-        "fact_tk",
-        "fact_tt",
-        "lotr",
-    ]
-    presets += ["lorta", "metatt", "serial_lora"]
-    for k in presets:
-        line(f"{k} / limit", ratio(k, "limit"), 1.25)
+    info("CaRA / CaRA materialise (folded)", ratio("cara", "cara_materialise"))
+    for k in PRESET_ROWS:
+        line(f"{k} / {limit}", ratio(k, limit), bounds["preset"])
+        if limit != "limit":
+            info(f"{k} / limit", ratio(k, "limit"))
     if memory:
         for ta_key, peft_key in (
             ("ta_lora_attn", "peft_lora_attn"),
@@ -787,6 +991,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--warmup", type=int, help="warm-up steps (2; --quick: 1)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument(
+        "--precision", choices=list(PRECISIONS), default="fp32", help="bf16: torch.autocast"
+    )
     ap.add_argument("--mem-steps", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-merged", action="store_true")
@@ -807,12 +1015,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kept = False if args.default_malloc else keep_freed_memory()
     args.warmup = args.warmup or (1 if quick else 2)
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     fams = families(args.tiny, args.seq)
+    where = platform.processor() or platform.machine()
+    if args.device == "cuda":
+        where = f"{torch.cuda.get_device_name()} (host {where})"
     print(
-        f"# tensadapt speed benchmark: {platform.processor() or platform.machine()}, "
+        f"# tensadapt speed benchmark: {where}, {args.device}, {args.precision}, "
         f"{args.threads} threads, torch {torch.__version__}, batch {args.batch}, "
         f"repeats {repeats} (interleaved), warm-up {args.warmup}; freed memory kept mapped: "
-        f"{kept}; load average {_loadavg()}; adapted maps' products: {ta.gemm.status()}"
+        f"{kept}; load average {_loadavg()}; adapted maps' products: {ta.gemm.status()}; "
+        f"native passes: {native.status()}; targets: {kernel_path(args.device)} path"
     )
     results: dict[str, Any] = {"args": vars(args), "families": {}}
     lines: list[str] = []
@@ -821,11 +1035,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fam = fams[fkey]
         configs = configurations(fam)
         if args.only:
-            configs = [c for c in configs if c.key in args.only or c.key == "limit"]
+            configs = [c for c in configs if c.key in args.only or c.key.startswith("limit")]
         elif quick:
             configs = [c for c in configs if "quick" in c.tags]
         t0 = time.perf_counter()
-        timing = time_configs(fam, configs, args.batch, args.warmup, repeats)
+        timing = time_configs(
+            fam, configs, args.batch, args.warmup, repeats, args.device, args.precision
+        )
         memory = None
         if not args.no_memory:
             memory = measure_memory(args, fkey, [c.key for c in configs], per_process=not quick)
@@ -836,9 +1052,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # run 32: a merged model is the base model's own structure, its ratio is 1 but
             # for the host's noise)
             merged_repeats = max(12 * repeats, 2 if args.tiny else 10)
-            merged = merged_inference(fam, args.batch, merged_repeats, merged_cfgs)
+            merged = merged_inference(
+                fam, args.batch, merged_repeats, merged_cfgs, args.device, args.precision
+            )
         lines += report_family(fam, configs, timing, memory, merged)
-        checks += targets_check(timing, memory, fkey)
+        checks += targets_check(timing, memory, fkey, kernel_path(args.device))
         if merged:
             checks += merged_check(merged, fkey)
         new_plans = sum(

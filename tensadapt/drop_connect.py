@@ -8,8 +8,11 @@ with ``p′ = round(p·2¹⁶) / 2¹⁶`` (:func:`~tensadapt.low_rank.quantised_
 row-major ``(out, in)`` matrix keeps when ``(h(e) >> 16) ≥ round(p·2¹⁶)``, where
 ``h(e) = f(f(e ⊕ k₀) ⊕ k₁)``, ``f`` a 32-bit integer finaliser (a bijection with full
 avalanche) and ``(k₀, k₁)`` two 32-bit draws from torch's generator per call (:func:`draw_key`).
-So the mask follows ``torch.manual_seed``, does not depend on the thread count, and the
-backward pass draws it again instead of storing it.
+So the mask follows ``torch.manual_seed``, does not depend on the thread count or the device,
+and the native CPU passes draw it again in the backward instead of storing it. The PyTorch
+form (any device; the oracle of the native one) hashes it once per call in the forward, in
+22 elementwise int64 ops (``x·c mod 2³²`` as one product and one mask, :func:`_mul32`), and
+keeps the boolean mask for the backward.
 
 :class:`DropConnectLinear` is the path for an update of the form ``ΔW = B A`` (rank ``R``):
 ``W′ = W + s·c·(m ⊙ B A)`` is formed in one pass (native code for float32 on CPU), the forward
@@ -56,19 +59,41 @@ def threshold(p: float) -> int:
     return round(p * 2**KEEP_BITS)
 
 
+def _signed32(c: int) -> int:
+    """``c`` or ``c − 2³²``, whichever lies in ``[−2³¹, 2³¹)``: the same residue mod 2³²."""
+    return c - 2**32 if c >= 2**31 else c
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x·c mod 2³²`` for ``x`` in ``[0, 2³²)`` (int64), in 16-bit halves so no product
-    leaves int64."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & MASK32
+    """``x·c mod 2³²`` for ``x`` in ``[0, 2³²)`` (int64), in two ops.
+
+    ``c`` is taken as its signed residue ``c′`` (:func:`_signed32`), so ``|x·c′| < 2⁶³``: the
+    int64 product never overflows, and its two's-complement low 32 bits (``& (2³² − 1)``) are
+    ``x·c mod 2³²`` whatever its sign."""
+    return (x * _signed32(c)) & MASK32
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
+    """The finaliser ``f`` on ``x`` in ``[0, 2³²)`` (int64): ``x ← x ⊕ (x ≫ 16)``,
+    ``x ← x·M₀ mod 2³²``, ``x ← x ⊕ (x ≫ 15)``, ``x ← x·M₁ mod 2³²``, ``x ⊕ (x ≫ 16)``."""
     x = x ^ (x >> 16)
     x = _mul32(x, MIX[0])
     x = x ^ (x >> 15)
     x = _mul32(x, MIX[1])
     return x ^ (x >> 16)
+
+
+def _keep_from_counters(e: torch.Tensor, t: int, key: torch.Tensor) -> torch.Tensor:
+    """``(h(e) ≫ 16) ≥ t`` for int64 counters ``e``, in 21 elementwise ops.
+
+    The last step of ``f``, ``x ⊕ (x ≫ 16)``, leaves the top 16 bits of ``x`` as they are, so
+    the outer ``f`` stops before it and the test reads ``x ≥ t·2¹⁶`` (``x < 2³²``)."""
+    x = _mix(e ^ key[0]) ^ key[1]
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX[1])
+    return x >= t << KEEP_BITS
 
 
 def hashed_keep_mask(
@@ -86,9 +111,7 @@ def hashed_keep_mask(
     if device.type == "cpu" and not native._is_compiling() and native.available():
         return native.keep_bytes(numel, t, _ints(key)).view(torch.bool).view(shape)
     e = torch.arange(numel, dtype=torch.int64, device=device)
-    key = key.to(device)
-    h = _mix(_mix(e ^ key[0]) ^ key[1])
-    return ((h >> 16) >= t).view(shape)
+    return _keep_from_counters(e, t, key.to(device)).view(shape)
 
 
 def _native_ok(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -107,6 +130,16 @@ class DropConnectLinear(torch.autograd.Function):
     ``bm`` (out, R) with the adapter's scale ``s`` in it; ``p`` the drop probability; ``key``
     from :func:`draw_key`. Float32 CPU tensors take the native passes, others PyTorch ops;
     both draw the same mask.
+
+    The PyTorch form (what a GPU runs) draws the mask once, in the forward, and keeps it for
+    the backward (one byte per entry of ``W``, beside the four of the saved ``W′``):
+
+    * forward: ``D = B A``, ``W′ = W + c·(m ⊙ D)`` (one ``addcmul``), ``y = x W′ᵀ + bias``;
+    * backward: ``gx = gy W′``, ``G = m ⊙ (gyᵀ x)`` (one in-place multiply),
+      ``gB = c·G Aᵀ`` and ``gA = c·Bᵀ G`` (``c`` as the products' ``alpha``), ``gbias = 1ᵀ gy``.
+
+    So the mask costs the hash's 22 elementwise ops over ``out × in`` in the forward and one
+    multiply in the backward, instead of the hash in both passes.
     """
 
     @staticmethod
@@ -115,21 +148,21 @@ class DropConnectLinear(torch.autograd.Function):
         a = a.contiguous()
         c = keep_scale(p)
         fast = _native_ok(w, a, bm)
+        keep = None
         if fast:
             weight = native.drop_fold(w, a, bm, c, threshold(p), _ints(key))
         else:
-            d = bm @ a
-            d.mul_(hashed_keep_mask(tuple(w.shape), p, key, w.device))
-            weight = d.mul_(c).add_(w)
+            keep = hashed_keep_mask(tuple(w.shape), p, key, w.device)
+            weight = torch.addcmul(w, bm @ a, keep, value=c)
         out = gemm.linear(x, weight, bias)
         ctx.p, ctx.key, ctx.fast = p, key, fast
-        ctx.save_for_backward(x, weight, a, bm)
+        ctx.save_for_backward(x, weight, a, bm, keep)
         return out
 
     @staticmethod
     @autocast_off
     def backward(ctx, gy):  # noqa: D102
-        x, weight, a, bm = ctx.saved_tensors
+        x, weight, a, bm, keep = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_bm, _, _ = ctx.needs_input_grad
         gx = gbias = ga = gbm = None
         if need_x:
@@ -144,11 +177,17 @@ class DropConnectLinear(torch.autograd.Function):
         if need_bias:
             gbias = gy.sum(0)
         if need_a or need_bm:
+            c = keep_scale(p)
             g = gy.t() @ x  # (out, in): the dense weight gradient
-            if ctx.fast and g.is_contiguous():
-                native.drop_grad_(g, keep_scale(p), threshold(p), _ints(key))
+            if keep is not None:  # the PyTorch form: the forward's mask, c in the products
+                g.mul_(keep)
+                gbm = torch.addmm(bm, g, a.t(), beta=0, alpha=c) if need_bm else None
+                ga = torch.addmm(a, bm.t(), g, beta=0, alpha=c) if need_a else None
+                return gx, None, gbias, ga, gbm, None, None
+            if g.is_contiguous():
+                native.drop_grad_(g, c, threshold(p), _ints(key))
             else:
-                g.mul_(hashed_keep_mask(tuple(g.shape), p, key, g.device)).mul_(keep_scale(p))
+                g.mul_(hashed_keep_mask(tuple(g.shape), p, key, g.device)).mul_(c)
             if native.usable(g, bm, rank=a.shape[0]):
                 gbm, ga = native.grad_pass(g, a.t(), bm)  # G Aᵀ and Bᵀ G in one read of G
             else:

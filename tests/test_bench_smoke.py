@@ -108,3 +108,116 @@ def test_summary_tells_resolved_misses_from_noise(speed):
         "0 of 1 targets met; 1 missed (1 of them met by the minima), 1 of them with the whole "
         "95% interval above the bound"
     )
+
+
+def test_rows_report_aten_ops_python_calls_and_both_limits(speed, capsys):
+    """Every row carries its aten ops and Python calls per step; the like-for-like limit is
+    a row of the same interleaved run, and the report gives ratios against both limits."""
+    results = speed.main(
+        ["--tiny", "--families", "dinov2", "--repeats", "1", "--warmup", "1", "--no-memory"]
+        + ["--no-merged", "--only", "peft_lora_attn", "ta_lora_attn", "cara_preset"]
+    )
+    text = capsys.readouterr().out
+    timing = results["families"]["dinov2"]["timing"]
+    assert {"limit", "limit_same", "peft_lora_attn", "ta_lora_attn", "cara_preset"} == set(timing)
+    for key, t in timing.items():
+        assert t["aten_ops"] > 0 and t["python_calls"] > 0
+        # one round: each row once, between two limit steps (the limit: 1 + one per row)
+        assert len(t["ratios"]) == (len(timing) if key == "limit" else 1)
+    # an adapter adds ops to the frozen step
+    assert timing["ta_lora_attn"]["aten_ops"] > timing["limit"]["aten_ops"]
+    assert "× like-for-like limit" in text and "aten ops/step" in text
+    assert "against 'limit_same'" in text
+    assert any("aten ops/step tensadapt LoRA attn / PEFT" in c for c in results["checks"])
+
+
+def test_bf16_autocast_rows_run(speed):
+    results = speed.main(
+        ["--tiny", "--families", "minilm", "--repeats", "1", "--warmup", "1", "--no-memory"]
+        + ["--no-merged", "--precision", "bf16", "--only", "ta_lora_attn", "cara_preset"]
+    )
+    timing = results["families"]["minilm"]["timing"]
+    assert all(t["median"] > 0 for t in timing.values())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_cuda_rows_run(speed):
+    results = speed.main(
+        ["--tiny", "--families", "dinov2", "--repeats", "1", "--warmup", "1", "--device", "cuda"]
+        + ["--precision", "bf16", "--only", "ta_lora_attn", "cara_preset"]
+    )
+    memory = results["families"]["dinov2"]["memory"]
+    assert set(memory) >= {"limit", "limit_same", "ta_lora_attn"}
+
+
+def test_like_for_like_limit_runs_the_adapters_products(speed, monkeypatch):
+    """The like-for-like limit computes what the limit computes (same outputs and input
+    gradients), with every frozen backbone linear, and not the head, through
+    ``tensadapt.gemm.dense_linear``."""
+    import torch
+    from torch import nn
+
+    import tensadapt as ta
+
+    fam = speed.families(True, 8)["dinov2"]
+    calls = []
+    real = ta.gemm.dense_linear
+    monkeypatch.setattr(ta.gemm, "dense_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    torch.manual_seed(0)
+    plain = speed._limit(fam, fam.build())
+    torch.manual_seed(0)
+    same = speed._limit_same_products(fam, fam.build())
+    x = torch.randn(4, 3, 16, 16)
+    outs = []
+    for model in (plain, same):
+        xi = x.clone().requires_grad_()
+        out = model(x=xi)
+        out.square().sum().backward()
+        outs.append((out, xi.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    linears = [m for n, m in same.named_modules() if isinstance(m, nn.Linear) and n != "head"]
+    assert len(calls) == len(linears) > 0
+
+
+def test_dispatch_and_call_counters_count_exactly(speed):
+    import torch
+
+    a, b = torch.randn(3, 3), torch.randn(3, 3)
+    with speed.AtenOps() as ops:
+        (a @ b).add_(1.0).sum()
+    assert ops.count == 3  # mm, add_, sum
+
+    def g() -> None:
+        pass
+
+    def f() -> None:
+        for _ in range(3):
+            g()
+
+    assert speed.python_calls(f) == 4  # f and three g
+
+
+def test_targets_take_the_like_for_like_limit_and_the_paths_bounds(speed):
+    """Step-time targets divide by ``limit_same`` where the run has it; the bounds are the
+    PyTorch path's or the CPU kernels' ones; aten-op targets are counts."""
+
+    def row(paired: float, ops: int) -> dict:
+        return {"paired": paired, "min": paired, "ratios": [paired] * 3, "aten_ops": ops}
+
+    timing = {
+        "limit": row(1.0, 1000),
+        "limit_same": row(0.8, 1000),
+        "peft_lora_all": row(1.3, 2000),
+        "ta_lora_all": row(1.1, 2100),
+        "cara": row(1.05, 2500),
+        "cara_preset": row(1.10, 4300),
+    }
+    checks = speed.targets_check(timing, None, "f", "kernels")
+    cara = next(c for c in checks if c.startswith("[") and "f: CaRA / limit_same" in c)
+    assert "= 1.312" in cara and cara.startswith("[MISS") and "target <= 1.1)" in cara
+    checks = speed.targets_check(timing, None, "f", "pytorch")
+    assert any("cara_preset / limit_same = 1.375" in c and "target <= 1.35" in c for c in checks)
+    assert any("[info] f: cara_preset / limit = 1.100" in c for c in checks)
+    ops = next(c for c in checks if "aten ops/step CaRA preset" in c)
+    assert ops.startswith("[MISS") and "4300 / 2100" in ops

@@ -373,3 +373,161 @@ def test_cara_training_compiles_fullgraph():
     torch.testing.assert_close(got, want)
     got.square().sum().backward()
     assert all(p.grad is not None for p in am.tensor_adapters.parameters())
+
+
+# ---------------------------------------------------------------- the PyTorch form (GPU path)
+
+
+class AtenCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self, skip_views: bool = True) -> int:
+        views = {"t", "view", "select", "detach", "alias", "expand", "transpose"}
+        return sum(n for k, n in self.ops.items() if not (skip_views and k in views))
+
+
+HASH_OPS = {"bitwise_xor", "bitwise_and", "__rshift__", "rshift", "bitwise_right_shift"}
+
+
+@pytest.mark.parametrize("c", [0x7FEB352D, 0x846CA68B, 1, 2**32 - 1, 2**31, 2**31 - 1])
+def test_mul32_is_the_product_mod_2_32(c):
+    """The two-op product (signed residue, then the low 32 bits) is ``x·c mod 2³²`` for the
+    largest operands, where the plain int64 product would overflow."""
+    xs = [0, 1, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
+    got = dc._mul32(torch.tensor(xs, dtype=torch.int64), c)
+    assert got.tolist() == [(x * c) % 2**32 for x in xs]
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_pytorch_mask_matches_the_scalar_oracle(key, p, native_off):
+    """The PyTorch mask (what runs off the CPU kernels) keeps entry ``e`` exactly when the
+    scalar oracle's ``h(e) >> 16`` reaches ``round(p·2¹⁶)``, for counters across all 32 bits."""
+    shape = (3, 1000)
+    with native_off():
+        m = dc.hashed_keep_mask(shape, p, torch.tensor(key), CPU).flatten()
+    for e in list(range(0, 3000, 7)) + [2999]:
+        want = (scalar_hash(e, key) >> 16) >= round(p * 2**16)
+        assert bool(m[e]) == want, e
+    # counters near 2³², through the counter form itself
+    e = torch.tensor([2**32 - 1, 2**32 - 2, 2**31], dtype=torch.int64)
+    got = dc._keep_from_counters(e, dc.threshold(p), torch.tensor(key))
+    assert got.tolist() == [(scalar_hash(v, key) >> 16) >= dc.threshold(p) for v in e.tolist()]
+
+
+def dc_inputs(dtype: torch.dtype, seed: int = 0, shape=(70, 48, 96, 8)):
+    gen = torch.Generator().manual_seed(seed)
+    n, d_in, d_out, r = shape
+    x = torch.randn(n, d_in, generator=gen, dtype=dtype)
+    w = torch.randn(d_out, d_in, generator=gen, dtype=dtype) * 0.1
+    bias = torch.randn(d_out, generator=gen, dtype=dtype)
+    a = torch.randn(r, d_in, generator=gen, dtype=dtype)
+    bm = torch.randn(d_out, r, generator=gen, dtype=dtype)
+    gy = torch.randn(n, d_out, generator=gen, dtype=dtype)
+    return [x, w, bias, a, bm], gy
+
+
+def run_dc(tensors, gy, p, key):
+    x, w, bias, a, bm = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    out = dc.DropConnectLinear.apply(x, w, bias, a, bm, p, key)
+    leaves = (x, bias, a, bm)
+    return [out, *torch.autograd.grad(out, leaves, gy)]
+
+
+def dense_oracle(tensors, gy, p, key):
+    """Output and gradients of ``x (W + c·(m ⊙ B A))ᵀ + b`` in float64 autograd."""
+    x, w, bias, a, bm = [t.detach().double().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    out = dense(x, w, bias, a, bm, p, key)
+    return [out, *torch.autograd.grad(out, (x, bias, a, bm), gy.double())]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_pytorch_form_matches_the_dense_oracle(p, autocast, native_off):
+    """Float32 on the PyTorch form (the kernels off), with and without an enclosing bf16
+    autocast (the function runs in its inputs' dtype): output and the gradients of ``x``,
+    ``bias``, ``A`` and ``B`` equal the float64 oracle's to float32 rounding, under the same
+    mask in both passes."""
+    tensors, gy = dc_inputs(torch.float32, seed=int(p * 10))
+    key = torch.tensor([0x0BADF00D, 0xC0FFEE])
+    with native_off(), ta.gemm.use_backend("blas"):
+        assert not dc._native_ok(tensors[1], tensors[3], tensors[4])
+        if autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = run_dc(tensors, gy, p, key)
+        else:
+            got = run_dc(tensors, gy, p, key)
+    want = dense_oracle(tensors, gy, p, key)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert (g.double() - w).abs().max() <= 2e-5 * w.abs().max()
+
+
+def test_pytorch_form_in_bfloat16_matches_the_dense_oracle(native_off):
+    """Operands cast to bfloat16 by the caller (as the engine does under autocast): the
+    function computes in bfloat16, within bfloat16 rounding of the float64 oracle."""
+    tensors, gy = dc_inputs(torch.float32, seed=3)
+    half = [t.bfloat16() for t in tensors]
+    key = torch.tensor([5, 6])
+    with native_off():
+        got = run_dc(half, gy.bfloat16(), 0.1, key)
+    want = dense_oracle(half, gy.bfloat16(), 0.1, key)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert (g.double() - w).abs().max() <= 3e-2 * w.abs().max()
+
+
+def test_pytorch_form_is_a_handful_of_ops_with_one_mask_draw(native_off):
+    """One DropConnect module's forward + backward off the CPU kernels, counted with a
+    dispatch mode: the mask is hashed once (22 ops over ``out × in``, in the forward), the
+    backward only multiplies by it. 31 kernels in all (views not counted) against 94 when
+    both passes hashed it."""
+    tensors, gy = dc_inputs(torch.float32)
+    x, w, bias, a, bm = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    key = dc.draw_key()
+    with native_off(), ta.gemm.use_backend("blas"):
+        with AtenCounter() as fwd:
+            out = dc.DropConnectLinear.apply(x, w, bias, a, bm, 0.1, key)
+        with AtenCounter() as bwd:
+            out.backward(gy)
+    assert all(t.grad is not None for t in (x, bias, a, bm))
+    assert not HASH_OPS & set(bwd.ops), bwd.ops  # no second draw
+    assert bwd.total() <= 6, bwd.ops  # gx, gyᵀx, the mask, gB, gA, gbias
+    assert fwd.total() <= 26, fwd.ops  # B A, the hash (22), the fold, the product
+    assert fwd.total() + bwd.total() <= 32
+
+
+def test_cara_layer_under_bf16_autocast_matches_the_dense_oracle(native_off):
+    """A CaRA model trained under ``torch.autocast("cpu", bfloat16)`` with the kernels off:
+    each adapted module's output is ``x (W + c·(m ⊙ s·ΔW))ᵀ + b`` with the mask of the key
+    drawn at its call, within bfloat16 rounding of the float64 oracle, and every factor gets
+    a finite float32 gradient."""
+    am = cara_model(16, torch.float32)
+    name, layer = next(iter(am.adapted_layers.items()))
+    x = torch.randn(2, 5, 16)
+    with native_off(), ta.gemm.use_backend("blas"):
+        torch.manual_seed(21)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+        got.float().square().sum().backward()
+        torch.manual_seed(21)
+        key = dc.draw_key()
+    p = ta.presets.get("cara", rank=2).dropout  # the preset's DropConnect rate
+    w = layer.weight_out_in().detach().double()
+    delta = am.delta_weight(name).detach().double()
+    m = torch_mask(w.numel(), p, key).view(w.shape).double()
+    want = x.double() @ (w + keep_scale(p) * m * delta).t() + layer.bias.detach().double()
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
+    grads = [q.grad for q in am.tensor_adapters.parameters() if q.requires_grad]
+    assert any(g is not None for g in grads)
+    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads if g is not None)
