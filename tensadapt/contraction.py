@@ -72,15 +72,23 @@ class PlanCache:
         self.hits = 0
 
     def get(
-        self, equation: str, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype
+        self,
+        equation: str,
+        shapes: tuple[tuple[int, ...], ...],
+        dtype: torch.dtype,
+        *,
+        always_plan: bool = False,
     ) -> ContractionPlan:
+        """The plan for ``(equation, shapes, dtype)``, built and cached on first use; while a
+        graph is compiled an unseen key gets one plain einsum unless ``always_plan`` (a
+        caller whose result is a constant to the graph, run eagerly)."""
         key = (equation, shapes, dtype)
         found = self._plans.get(key)
         if found is not None:
             if not torch.compiler.is_compiling():  # a counter read in a graph is a guard
                 self.hits += 1
             return found
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not always_plan:
             # planning is Python work torch.compile cannot trace: shapes first seen inside a
             # compiled region run as one einsum (torch plans it); eager calls plan and cache
             return _unplanned(equation, len(shapes))

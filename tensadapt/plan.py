@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contraction import Symbols, build_plan
+from .contraction import PLAN_CACHE, Symbols
 from .layout import Contribution
 from .modes import mode_parts
 
@@ -392,7 +392,7 @@ def single_term_view(
 
 @torch.compiler.assume_constant_result
 def contract_cheaper(*key) -> bool:
-    """``contract_cheaper(contract_eq, materialise_eq, x_view, shapes, extra, n_tokens)``:
+    """``contract_cheaper(contract_eq, materialise_eq, x_view, shapes, extra, n_tokens, dtype)``:
     whether contracting ``x`` (``(N, *x_view)``) with factors of these ``shapes`` costs no
     more planned FLOPs than forming ``ΔW`` and one ``2·N·extra`` matmul. A constant to a
     compiled graph, planned eagerly and remembered per key."""
@@ -407,7 +407,8 @@ def _contract_cheaper(
     shapes: tuple[tuple[int, ...], ...],
     extra: int,
     n_tokens: int,
+    dtype: torch.dtype,
 ) -> bool:
-    c = build_plan(contract_eq, ((n_tokens, *x_view), *shapes)).flops
-    m = build_plan(materialise_eq, shapes).flops + 2 * n_tokens * extra
-    return c <= m
+    c = PLAN_CACHE.get(contract_eq, ((n_tokens, *x_view), *shapes), dtype, always_plan=True)
+    m = PLAN_CACHE.get(materialise_eq, shapes, dtype, always_plan=True)
+    return c.flops <= m.flops + 2 * n_tokens * extra

@@ -405,6 +405,7 @@ class ContributionProgram(nn.Module):
             self._shapes,
             extra,
             n_tokens,
+            factors.dtype if isinstance(factors, LazyOperands) else factors[0].dtype,
         )
 
     # ------------------------------------------------------------------------ compute
