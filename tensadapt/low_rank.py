@@ -134,7 +134,7 @@ def thin_expand(u: torch.Tensor, p: torch.Tensor, c: torch.Tensor | None = None)
 
     In native code where :func:`tensadapt.native.usable` (each output tile in registers over
     the rank, one write of the output); CPU BLAS runs these shapes at a third to a half of
-    the FMA peak (``docs/benchmarks.md``). Not differentiable: for use inside a backward or an
+    the FMA peak (``benchmarks/HISTORY.md``). Not differentiable: for use inside a backward or an
     autograd function's forward."""
     others = (p,) if c is None else (p, c)
     if native.usable(u, rank=u.shape[1], expand=True) and all(

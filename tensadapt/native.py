@@ -71,7 +71,7 @@ MIN_TOKENS = 64  # below this the ctypes call and packing outweigh what BLAS los
 #: widest thin operand the AVX2 passes take: up to rank 24 they beat BLAS on activations read
 #: from memory; at 32 single passes range from 10 % slower to 28 % faster than BLAS, and
 #: whole FacT-TK steps (rank 32) ran 2-4 % faster (2080 tokens, widths 384 to 1536;
-#: ``docs/benchmarks.md``, run 21)
+#: ``benchmarks/HISTORY.md``, run 21)
 MAX_RANK = 32
 #: widest thin operand of the AVX2 :func:`rows_expand` (the same bound, measured with it)
 MAX_EXPAND_RANK = 32
